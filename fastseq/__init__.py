@@ -1,0 +1,1 @@
+"""fastseq: federated fine-tuning with Sequential Compression Layers."""
