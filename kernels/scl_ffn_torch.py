@@ -71,12 +71,13 @@ def scl_backward_core(dy, x, pre1, pre2, p, wd, C, bc, E, be, ffn_activation, sc
     sp, dsp = act_and_grad(p, scl_activation)
     Et, Ct = E.to(dt), C.to(dt)
     dyWd = dy @ wd  # [T, f]
-    dz = (dy @ (wd @ Et)).mul_(scale)  # [T, r] = s * dy M
-    dp = dz.mul_(dsp)
+    # dz = s * dy M = s * (dy Wd) E  ([T, r]); the rank-r part is kept in fp32
+    dp = (dyWd @ Et).float().mul_(scale).mul_(dsp.float())
     if need["C"]:
-        out["dC"] = (dp.t() @ h).to(C.dtype)
+        out["dC"] = (dp.t().to(dt) @ h).to(C.dtype)
     if need["bc"]:
         out["dbc"] = dp.sum(0).to(bc.dtype)
+    dp = dp.to(dt)
     if need["E"]:
         out["dE"] = (dyWd.t() @ sp).mul_(scale).to(E.dtype)
     if need["be"]:

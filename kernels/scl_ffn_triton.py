@@ -396,7 +396,7 @@ class SCLFFNTriton(torch.autograd.Function):
         dyw = dy @ wd  # [T, f]
         # rank-r part in fp32: dz = s dy M, dp = dz * sigma'(p)
         pf = p.float()
-        dp = (dy @ (wd @ Et)).float().mul_(scale).mul_(act_grad(pf, scl_activation)).contiguous()
+        dp = (dyw @ Et).float().mul_(scale).mul_(act_grad(pf, scl_activation)).contiguous()
         need_pre = any(nig[i] for i in (0, 1, 2, 3, 4))
         bw = (dyw, dp, C) if need_pre else None
         if level == 2:
