@@ -266,6 +266,23 @@ def _weight(w, dt):
     return t if t.dtype == dt else t.to(dt)
 
 
+def _pair(gate_w, up_w, dt):
+    """Resolve the weights that one fused kernel reads together: (w1, w2) = (gate, up) for a
+    gated FFN, (fc1, None) for a plain one. Both live at once, so two callables must not
+    return the same buffer (checked)."""
+    if gate_w is None:
+        return _weight(up_w, dt), None
+    w1 = _weight(gate_w, dt)
+    ptr1 = w1.untyped_storage().data_ptr()
+    w2 = _weight(up_w, dt)
+    if w2.untyped_storage().data_ptr() == ptr1:
+        raise ValueError(
+            "fastseq.kernels (triton): the gate and up weight callables returned the same buffer; "
+            "the fused kernel reads both at once, so dequantize them into two buffers "
+            "(one buffer per weight role can still be shared by all layers)")
+    return w1, w2
+
+
 def _flags(dt):
     return dict(UPCAST=INTERPRET, IEEE=dt == torch.float32)
 
@@ -363,8 +380,7 @@ class SCLFFNTriton(torch.autograd.Function):
         _check_device(x)
         dt = x.dtype
         gated = gate_w is not None
-        w1 = _weight(gate_w if gated else up_w, dt)
-        w2 = _weight(up_w, dt) if gated else None
+        w1, w2 = _pair(gate_w, up_w, dt)
         b1 = gate_b if gated else up_b
         b2 = up_b if gated else None
         h, pre1, pre2, _, _ = ffn_in(x, w1, b1, w2, b2, ffn_activation, store_pre=level == 1)
@@ -400,8 +416,7 @@ class SCLFFNTriton(torch.autograd.Function):
         need_pre = any(nig[i] for i in (0, 1, 2, 3, 4))
         bw = (dyw, dp, C) if need_pre else None
         if level == 2:
-            w1 = _weight(gate_w if gated else up_w, dt)
-            w2 = _weight(up_w, dt) if gated else None
+            w1, w2 = _pair(gate_w, up_w, dt)
             h, _, _, d1, d2 = ffn_in(x, w1, gate_b if gated else up_b, w2, up_b if gated else None,
                                      ffn_activation, backward=bw)
             del w1, w2
