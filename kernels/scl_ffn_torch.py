@@ -103,11 +103,11 @@ def scl_backward_core(dy, x, pre1, pre2, p, wd, C, bc, E, be, ffn_activation, sc
 def input_and_frozen_grads(ctx_needs, x, dpre1, dpre2, up_w, up_b, gate_w, gate_b):
     """``dx = dg Wg + du Wu`` (gated) or ``da W1`` (plain); frozen-weight grads only if a
     tensor weight itself requires grad (never for callables). Order: dx, dWu, dbu, dWg, dbg."""
-    dt = x.dtype
     n_x, n_wu, n_bu, n_wg, n_bg = ctx_needs
     dx = dWu = dbu = dWg = dbg = None
     gated = dpre2 is not None
     d_up = dpre2 if gated else dpre1
+    dt = d_up.dtype
     if n_x:
         dx = d_up @ resolve(up_w).to(dt)
         if gated:
@@ -121,6 +121,14 @@ def input_and_frozen_grads(ctx_needs, x, dpre1, dpre2, up_w, up_b, gate_w, gate_
     if gated and n_bg:
         dbg = dpre1.sum(0).to(gate_b.dtype)
     return dx, dWu, dbu, dWg, dbg
+
+
+def keep_x(level, up_w, up_b, gate_w, gate_b) -> bool:
+    """x is needed in backward only to recompute the frozen GEMMs (level 2) or for the
+    gradient of a frozen-side tensor that nevertheless requires grad (never in SCL training:
+    then level 1 keeps no copy of x at all)."""
+    return level == 2 or any(isinstance(t, torch.Tensor) and t.requires_grad
+                             for t in (up_w, up_b, gate_w, gate_b))
 
 
 def _tensor_or_none(w):
@@ -145,10 +153,11 @@ class SCLFFNRecompute(torch.autograd.Function):
         del h, sp, wd
         if level == 2:
             pre1 = pre2 = None
-        ctx.save_for_backward(x, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
+        ctx.save_for_backward(x if keep_x(level, up_w, up_b, gate_w, gate_b) else None, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
                               gate_b, _tensor_or_none(down_w), down_b, C, bc, E, be)
         ctx.weights = (up_w, gate_w, down_w)  # originals: tensors (also saved above) or callables
         ctx.gated = gate_w is not None
+        ctx.dtype = dt
         ctx.cfg = (ffn_activation, scl_activation, scale, level)
         return y
 
@@ -161,10 +170,10 @@ class SCLFFNRecompute(torch.autograd.Function):
         gate_w = gate_wt if gate_wt is not None else gate_w
         down_w = down_wt if down_wt is not None else down_w
         nig = ctx.needs_input_grad
-        dy = dy.contiguous().to(x.dtype)
+        dy = dy.contiguous().to(ctx.dtype)
         if level == 2:
             pre1, pre2 = frozen_pre_activations(x, up_w, up_b, gate_w, gate_b)
-        wd = resolve(down_w).to(x.dtype)
+        wd = resolve(down_w).to(ctx.dtype)
         need_pre = any(nig[i] for i in (0, 1, 2, 3, 4))
         need = dict(C=nig[7], bc=nig[8], E=nig[9], be=nig[10], wd=nig[5], bd=nig[6], pre=need_pre)
         g = scl_backward_core(dy, x, pre1, pre2, p, wd, C, bc, E, be, ffn_activation,

@@ -28,7 +28,7 @@ import torch
 
 from .activations import ACT_CODES, act, act_grad
 from .reference import resolve
-from .scl_ffn_torch import input_and_frozen_grads, _tensor_or_none
+from .scl_ffn_torch import _tensor_or_none, input_and_frozen_grads, keep_x
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -291,24 +291,29 @@ def ffn_in(x, w1, b1, w2, b2, ffn_activation, *, pre1=None, pre2=None, store_pre
            backward=None):
     """Launch kernel 1. ``backward`` = (dyw, dp_fp32, C) or None.
     Returns (h, pre1, pre2, d1, d2)."""
-    T, K = x.shape
-    dt = x.dtype
-    load_pre = pre1 is not None
-    N = (pre1 if load_pre else w1).shape[0 if not load_pre else 1]
-    gated = (w2 is not None) if not load_pre else (pre2 is not None)
-    h = torch.empty(T, N, device=x.device, dtype=dt)
+    load_pre = pre1 is not None  # level-1 backward: g, u (or a) given, x not needed
+    if load_pre:
+        (T, N), K = pre1.shape, 0
+        gated = pre2 is not None
+        dt, dev = pre1.dtype, pre1.device
+    else:
+        (T, K), N = x.shape, w1.shape[0]
+        gated = w2 is not None
+        dt, dev = x.dtype, x.device
+    h = torch.empty(T, N, device=dev, dtype=dt)
     if not load_pre and store_pre:
-        pre1 = torch.empty(T, N, device=x.device, dtype=dt)
-        pre2 = torch.empty(T, N, device=x.device, dtype=dt) if gated else None
+        pre1 = torch.empty(T, N, device=dev, dtype=dt)
+        pre2 = torch.empty(T, N, device=dev, dtype=dt) if gated else None
     d1 = d2 = None
     dyw = dp = C = None
     R = 1
     if backward is not None:
         dyw, dp, C = backward
         R = dp.shape[1]
-        d1 = torch.empty(T, N, device=x.device, dtype=dt)
-        d2 = torch.empty(T, N, device=x.device, dtype=dt) if gated else None
+        d1 = torch.empty(T, N, device=dev, dtype=dt)
+        d2 = torch.empty(T, N, device=dev, dtype=dt) if gated else None
     dummy = h
+    x = x if x is not None else dummy
     w1_ = w1 if w1 is not None else dummy
     w2_ = w2 if w2 is not None else w1_
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
@@ -389,9 +394,10 @@ class SCLFFNTriton(torch.autograd.Function):
         wd = _weight(down_w, dt)
         y = down_lowrank(h, wd, sp, E, be, down_b, scale)
         del h, sp, wd
-        ctx.save_for_backward(x, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
+        ctx.save_for_backward(x if keep_x(level, up_w, up_b, gate_w, gate_b) else None, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
                               gate_b, _tensor_or_none(down_w), down_b, C, bc, E, be)
         ctx.weights = (up_w, gate_w, down_w)
+        ctx.dtype = dt
         ctx.cfg = (ffn_activation, scl_activation, scale, level)
         return y
 
@@ -404,7 +410,7 @@ class SCLFFNTriton(torch.autograd.Function):
         gate_w = gate_wt if gate_wt is not None else gate_w
         down_w = down_wt if down_wt is not None else down_w
         nig = ctx.needs_input_grad
-        dt = x.dtype
+        dt = ctx.dtype
         gated = gate_w is not None
         dy = dy.contiguous().to(dt)
         wd = _weight(down_w, dt)
