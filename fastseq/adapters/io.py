@@ -1,0 +1,135 @@
+"""Adapter save/load in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..config import SCLConfig
+from .registry import find_ffn_sites
+from .scl import AdapterError, get_scl_model, scl_parameter_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (SCL, plus down projections / heads when trained), detached copies."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().contiguous().clone() for name in scl_parameter_names(model)}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of `model` to `directory` (created if needed); returns the directory."""
+    state = getattr(model, "fastseq_adapter", None)
+    if state is None:
+        raise AdapterError("model has no SCL adapter to save; call fastseq.get_scl_model first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model)
+    meta = {
+        "adapter_type": "scl",
+        "format_version": FORMAT_VERSION,
+        "fastseq_version": __version__,
+        "base_model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "base_model_class": type(model).__name__,
+        "scl_config": state.config.to_dict(),
+        "trainable_modules": state.trainable_modules,
+        "sites": [{"name": s.name, "d_model": s.d_model, "d_ffn": s.d_ffn} for s in state.sites],
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+    }
+    # Weights first, config last: a directory with a config always has its weights.
+    tmp_weights = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    os.replace(tmp_weights, out / WEIGHTS_NAME)
+    _atomic_write_bytes(out / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return out
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}; pass a directory written by fastseq.save_adapter")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter directory is damaged") from exc
+    if meta.get("adapter_type") != "scl":
+        raise AdapterError(f"{path} describes adapter type {meta.get('adapter_type')!r}, not 'scl'")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{path} has format version {meta.get('format_version')!r}; this fastseq reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True) -> nn.Module:
+    """Inject the saved adapter into a fresh base `model` and load its weights (in place).
+
+    The model must have the FFNs the adapter was trained on (names and widths); otherwise
+    an AdapterError says what differs and nothing is changed. With ``is_trainable=False``
+    every parameter is frozen (inference).
+    """
+    meta = read_adapter_config(directory)
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing; the adapter directory is incomplete")
+    config = SCLConfig.from_dict(meta["scl_config"])
+
+    # Check the base model before touching it.
+    sites = {s.name: s for s in find_ffn_sites(model)}
+    for saved in meta["sites"]:
+        site = sites.get(saved["name"])
+        if site is None:
+            raise AdapterError(
+                f"adapter was trained on a {meta.get('base_model_class')} ({meta.get('base_model_type')}) with an FFN at "
+                f"{saved['name']!r}, which this {type(model).__name__} does not have; load it into the same base model"
+            )
+        if (site.d_model, site.d_ffn) != (saved["d_model"], saved["d_ffn"]):
+            raise AdapterError(
+                f"FFN {saved['name']!r} has d_model={site.d_model}, d_ffn={site.d_ffn} in this model but "
+                f"d_model={saved['d_model']}, d_ffn={saved['d_ffn']} in the adapter; load it into the same base model"
+            )
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise AdapterError(f"cannot read {weights_path}: {exc}") from exc
+    recorded = {name: list(shape) for name, shape in meta.get("tensors", {}).items()}
+    if recorded != {name: list(t.shape) for name, t in tensors.items()}:
+        raise AdapterError(f"{weights_path} does not hold the tensors {CONFIG_NAME} lists; the adapter directory is damaged")
+
+    get_scl_model(model, config, trainable_modules=meta.get("trainable_modules", []))
+    params = dict(model.named_parameters())
+    expected = scl_parameter_names(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"adapter weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise AdapterError(f"{name}: shape {tuple(tensor.shape)} in the adapter, {tuple(param.shape)} in the model")
+            param.copy_(tensor.to(param.dtype))
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model

@@ -1,0 +1,91 @@
+"""`SCLConfig`: what to inject and how to run it (DESIGN §1, §2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
+BACKENDS = ("auto", "torch", "triton")
+CHECKPOINT_LEVELS = (0, 1, 2)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and what is allowed."""
+
+
+@dataclass
+class SCLConfig:
+    """Configuration of the Sequential Compression Layer.
+
+    r: width of the compression bottleneck (C: f -> r, E: r -> f).
+    activation: sigma between C and E; None uses the FFN's own activation.
+    scale: s in ``c = h + s * E(sigma(C h))``.
+    bias: give C and E biases.
+    train_down_proj: also train the FFN's down projection (costs d*f per layer).
+    layers: indices of the transformer layers to adapt; None adapts every FFN
+        (including FFNs outside the numbered layers, such as SigLIP's pooling head).
+    checkpoint_level: what forward keeps for backward. 0 = plain autograd through
+        the reference module; 1 = keeps x, the gate/up outputs (or fc1 pre-activation)
+        and p = C h, recomputes elementwise parts; 2 = keeps only x and p, recomputes
+        the frozen GEMMs in backward.
+    backend: "auto" (Triton on CUDA, the PyTorch recompute path elsewhere), "torch"
+        or "triton" (on CPU only under TRITON_INTERPRET=1).
+    """
+
+    r: int = 16
+    activation: str | None = None
+    scale: float = 1.0
+    bias: bool = False
+    train_down_proj: bool = False
+    layers: list[int] | None = None
+    checkpoint_level: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"SCLConfig.layers must be None or a list of layer indices, got {self.layers!r}")
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"SCLConfig.r must be a positive integer (e.g. 16), got {self.r!r}")
+        if self.activation is not None and self.activation not in ACTIVATION_NAMES:
+            raise ConfigError(
+                f"SCLConfig.activation must be None (the FFN's own) or one of {ACTIVATION_NAMES}, got {self.activation!r}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ConfigError(f"SCLConfig.scale must be a finite number, got {self.scale!r}")
+        for name in ("bias", "train_down_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"SCLConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.layers is not None:
+            bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or not self.layers:
+                raise ConfigError(f"SCLConfig.layers must be None or a non-empty list of layer indices >= 0, got {self.layers!r}")
+        if self.checkpoint_level not in CHECKPOINT_LEVELS or isinstance(self.checkpoint_level, bool):
+            raise ConfigError(f"SCLConfig.checkpoint_level must be one of {CHECKPOINT_LEVELS}, got {self.checkpoint_level!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"SCLConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SCLConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown SCLConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "SCLConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,193 @@
+"""Model loading: hub ids, local folders, and tiny built-in random models for tests.
+
+`load_model(name_or_path, task_kind, num_labels)` returns ``(model, processor)`` where the
+processor is a tokenizer (with a pad token) or an image processor. Quantized loading
+(bitsandbytes 4/8-bit) goes through `quantization=`; see `fastseq.quant`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = ("text-classification", "causal-lm", "image-classification")
+TINY_MODELS = ("tiny-llama", "tiny-gemma", "tiny-bert", "tiny-siglip", "tiny-vit")
+TINY_VOCAB = 1024
+TINY_IMAGE_SIZE = 32
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded as asked; the message says what to do."""
+
+
+def byte_tokenizer(model_max_length: int = 512):
+    """A byte-level tokenizer built offline (no vocabulary download): 256 byte symbols + specials.
+
+    Used by the tiny random text models so that real text tasks run on them.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+def _tiny_text_config(name: str, num_labels: int | None):
+    import transformers as tf
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                  num_attention_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if name == "tiny-llama":
+        cfg = tf.LlamaConfig(num_key_value_heads=2, max_position_embeddings=1024, **common)
+    elif name == "tiny-gemma":
+        cfg = tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                                  sliding_window=64, **common)
+    elif name == "tiny-bert":
+        cfg = tf.BertConfig(max_position_embeddings=1024, **common)
+    else:
+        raise AssertionError(name)
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+    return cfg
+
+
+def _tiny_model(name: str, task_kind: str, num_labels: int | None):
+    import transformers as tf
+
+    torch.manual_seed(0)  # the same "pretrained" tiny backbone every time
+    if name in ("tiny-siglip", "tiny-vit"):
+        if task_kind != "image-classification":
+            raise ModelLoadError(f"{name} is a vision model; use it with an image-classification task")
+        vision = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=TINY_IMAGE_SIZE, patch_size=8, num_channels=3)
+        if name == "tiny-siglip":
+            # SiglipForImageClassification mean-pools: the attention-pooling head would be dead weight.
+            cfg = tf.SiglipConfig(vision_config=dict(vision, vision_use_head=False),
+                                  text_config=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=1,
+                                                   num_attention_heads=4, vocab_size=TINY_VOCAB, pad_token_id=0,
+                                                   bos_token_id=2, eos_token_id=1),
+                                  num_labels=num_labels or 2)
+            model = tf.SiglipForImageClassification(cfg)
+        else:
+            model = tf.ViTForImageClassification(tf.ViTConfig(num_labels=num_labels or 2, **vision))
+        processor = None  # tasks resize/normalise synthetic images themselves
+        return model, processor
+    cfg = _tiny_text_config(name, num_labels)
+    if task_kind == "causal-lm":
+        if name == "tiny-bert":
+            raise ModelLoadError("tiny-bert is an encoder; use tiny-llama or tiny-gemma for causal-lm tasks")
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    elif task_kind == "text-classification":
+        model = tf.AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        raise ModelLoadError(f"{name} is a text model; use tiny-siglip or tiny-vit for image classification")
+    return model, byte_tokenizer()
+
+
+def _auto_class(task_kind: str):
+    import transformers as tf
+
+    return {
+        "text-classification": tf.AutoModelForSequenceClassification,
+        "causal-lm": tf.AutoModelForCausalLM,
+        "image-classification": tf.AutoModelForImageClassification,
+    }[task_kind]
+
+
+def ensure_pad_token(tokenizer, model: nn.Module | None = None):
+    """Give a tokenizer without a pad token one (its eos token), and tell the model."""
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        if getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            if model is not None:
+                model.resize_token_embeddings(len(tokenizer))
+        log.info("tokenizer had no pad token; using %r", tokenizer.pad_token)
+    if model is not None and tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    task_kind: str,
+    num_labels: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantization: str = "none",
+    device: str | torch.device | None = None,
+):
+    """Load a backbone with the head `task_kind` needs; returns ``(model, processor)``.
+
+    `name_or_path`: a built-in tiny random model (see TINY_MODELS), a local folder with a
+    transformers checkpoint, or a hub id (needs the hub or a populated HF cache).
+    """
+    if task_kind not in TASK_KINDS:
+        raise ModelLoadError(f"task kind must be one of {TASK_KINDS}, got {task_kind!r}")
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if name_or_path in TINY_MODELS:
+        if quantization != "none":
+            from .quant import quantize_model
+
+            model, processor = _tiny_model(name_or_path, task_kind, num_labels)
+            model = quantize_model(model, quantization, compute_dtype=dtype or torch.float32)
+        else:
+            model, processor = _tiny_model(name_or_path, task_kind, num_labels)
+            if dtype is not None:
+                model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        return model, processor
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{name_or_path!s} is not a transformers model folder (no config.json there). Pass a folder written by "
+            f"save_pretrained, a hub id, or one of the built-in tiny models {TINY_MODELS}"
+        )
+    kwargs: dict = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if num_labels is not None and task_kind != "causal-lm":
+        kwargs["num_labels"] = num_labels
+    if quantization != "none":
+        from .quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype=dtype or torch.float32)
+        kwargs["device_map"] = {"": str(device or "cpu")}
+    try:
+        model = _auto_class(task_kind).from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r}: {exc}. Without network access pass a local folder "
+            f"(e.g. one written by `save_pretrained`) or a built-in tiny model {TINY_MODELS}"
+        ) from exc
+    processor = _load_processor(str(path) if path.exists() else name_or_path, task_kind)
+    if task_kind != "image-classification":
+        ensure_pad_token(processor, model)
+    if device is not None and quantization == "none":
+        model = model.to(device)
+    return model, processor
+
+
+def _load_processor(source: str, task_kind: str):
+    import transformers as tf
+
+    if task_kind == "image-classification":
+        return tf.AutoImageProcessor.from_pretrained(source)
+    return tf.AutoTokenizer.from_pretrained(source)
