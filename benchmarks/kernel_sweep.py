@@ -62,8 +62,11 @@ class SwiGLU(nn.Module):
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        stderr=subprocess.DEVNULL, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "kernels", "benchmarks"],
+                                        cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
+        return head + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -122,31 +125,41 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(provider, d, f, r, T, dtype, device, reps, warmup):
-    x, step, exclude, n_train = build(provider, d, f, r, T, dtype, device)
+def measure_block(providers, d, f, r, T, dtype, device, reps, warmup):
+    """Measure several providers on one shape. Timing reps are interleaved round-robin across
+    providers so that background load on a shared machine hits all of them alike."""
+    built = {}
+    for prov in providers:
+        x, step, exclude, n_train = build(prov, d, f, r, T, dtype, device)
+        saved = count_saved_activations(step, exclude)
+        built[prov] = (x, step, saved, n_train)
     dy = torch.randn(T, d, device=device, dtype=dtype)
-    saved = count_saved_activations(step, exclude)
     for _ in range(warmup):
-        step().backward(dy)
+        for x, step, _, _ in built.values():
+            step().backward(dy)
     _sync(device)
-    peak = None
-    if device.type == "cuda":
-        x.grad = None
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step().backward(dy)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    times = []
+    peaks = {}
+    for prov, (x, step, _, _) in built.items():
+        if device.type == "cuda":
+            x.grad = None
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            step().backward(dy)
+            _sync(device)
+            peaks[prov] = torch.cuda.max_memory_allocated(device) - base
+    times = {prov: [] for prov in built}
     for _ in range(reps):
-        x.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        step().backward(dy)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return dict(ms_median=statistics.median(times), ms_min=min(times), saved_bytes=saved.bytes,
-                saved_tensors=saved.tensors, peak_bytes=peak, trainable_params=n_train)
+        for prov, (x, step, _, _) in built.items():
+            x.grad = None
+            _sync(device)
+            t0 = time.perf_counter()
+            step().backward(dy)
+            _sync(device)
+            times[prov].append((time.perf_counter() - t0) * 1e3)
+    return {prov: dict(ms_median=statistics.median(times[prov]), ms_min=min(times[prov]),
+                       saved_bytes=saved.bytes, saved_tensors=saved.tensors,
+                       peak_bytes=peaks.get(prov), trainable_params=n_train)
+            for prov, (_, _, saved, n_train) in built.items()}
 
 
 def run(quick=False, device=None, dtype=None, tokens=None, shapes=None, reps=None, out_dir=None):
@@ -156,29 +169,31 @@ def run(quick=False, device=None, dtype=None, tokens=None, shapes=None, reps=Non
     if tokens is None:
         tokens = ([64] if quick else [64, 256]) if device.type == "cpu" else ([1024] if quick else [512, 2048, 8192])
     shapes = shapes or (["tinyllama"] if quick else list(SHAPES))
-    reps = reps or (3 if device.type == "cpu" else 10)
-    warmup = 1 if device.type == "cpu" else 3
+    reps = reps or (5 if device.type == "cpu" else 10)
+    warmup = 2 if device.type == "cpu" else 3
     meta = dict(device=device.type, device_name=device_name(device), torch=torch.__version__,
                 git_commit=git_commit(), dtype=str(dtype).replace("torch.", ""), rank=RANK)
     rows = []
     for shape in shapes:
         d, f = SHAPES[shape]
         for T in tokens:
+            provs = [p for p in PROVIDERS if available(p, device)]
+            for p in PROVIDERS:
+                if p not in provs:
+                    print(f"skip {p} on {device.type}")
+            res = measure_block(provs, d, f, RANK, T, dtype, device, reps, warmup)
             block = []
-            for prov in PROVIDERS:
-                if not available(prov, device):
-                    print(f"skip {prov} on {device.type}")
-                    continue
-                m = measure(prov, d, f, RANK, T, dtype, device, reps, warmup)
-                row = dict(meta, shape=shape, d=d, f=f, tokens=T, provider=prov, **m)
-                block.append(row)
-                print(f"{shape:9s} T={T:5d} {prov:14s} {m['ms_median']:9.1f} ms  "
+            for prov in provs:
+                m = res[prov]
+                block.append(dict(meta, shape=shape, d=d, f=f, tokens=T, provider=prov, **m))
+                print(f"{shape:9s} T={T:5d} {prov:14s} median {m['ms_median']:9.1f} ms  min {m['ms_min']:9.1f} ms  "
                       f"saved {m['saved_bytes'] / 2**20:8.2f} MiB" +
                       (f"  peak {m['peak_bytes'] / 2**20:8.1f} MiB" if m["peak_bytes"] is not None else ""),
                       flush=True)
             lora = next((rw for rw in block if rw["provider"] == "peft_lora"), None)
             for rw in block:
                 rw["time_vs_lora"] = rw["ms_median"] / lora["ms_median"] if lora else None
+                rw["time_min_vs_lora"] = rw["ms_min"] / lora["ms_min"] if lora else None
                 rw["saved_vs_lora"] = rw["saved_bytes"] / lora["saved_bytes"] if lora else None
                 rw["peak_vs_lora"] = (rw["peak_bytes"] / lora["peak_bytes"]
                                       if lora and rw["peak_bytes"] is not None else None)
@@ -205,7 +220,7 @@ def plot(rows, path):
     provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / max(1, len(provs))
-    for j, (metric, label) in enumerate((("ms_median", "fwd+bwd time (ms)"),
+    for j, (metric, label) in enumerate((("ms_min", "fwd+bwd time, best of reps (ms)"),
                                           ("saved_bytes", "saved activations (MiB)"))):
         ax = axes[j]
         for i, p in enumerate(provs):
