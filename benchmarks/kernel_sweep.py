@@ -64,7 +64,7 @@ def git_commit() -> str:
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        stderr=subprocess.DEVNULL, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "kernels", "benchmarks"],
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", "kernels", "benchmarks"],
                                         cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
         return head + ("+dirty" if dirty else "")
     except Exception:
