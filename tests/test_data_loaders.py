@@ -65,7 +65,7 @@ def test_synthetic_is_seeded_and_balanced():
         ids = e["input_ids"]
         assert max(ids) < 200 and len(ids) <= 24 and ids[0] == 1
         counts = [ids.count(2 + k) for k in range(4)]
-        assert counts[e["label"]] == 4 and max(x for k, x in enumerate(counts) if k != e["label"]) <= 1
+        assert counts[e["label"]] == t.marker_count == 6 and max(x for k, x in enumerate(counts) if k != e["label"]) <= 1
     assert len(t.load(max_examples=50).train) == 45
 
 

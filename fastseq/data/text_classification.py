@@ -171,15 +171,17 @@ class SyntheticTask(TextClassificationTask):
 
     Token 0 is padding, token 1 starts every sequence (a CLS stand-in), tokens
     ``2 .. 2+num_classes-1`` are markers and the rest are fillers. The label's marker appears
-    ``4`` times, every other marker at most once, so the label is the most frequent marker.
+    ``marker_count`` times (default ``seq_len // 4``, at least 4), every other marker at most
+    once, so the label is the most frequent marker.
     Sequence lengths vary between ``seq_len // 2`` and ``seq_len``. The processor is ignored.
     """
 
     name = "synthetic"
 
     def __init__(self, num_classes: int = 4, vocab_size: int = 1000, seq_len: int = 32,
-                 num_examples: int = 2000, **options: Any) -> None:
+                 num_examples: int = 2000, marker_count: int | None = None, **options: Any) -> None:
         super().__init__(max_length=seq_len, **options)
+        self.marker_count = max(4, seq_len // 4) if marker_count is None else marker_count
         if num_classes < 2:
             raise DataError(f"num_classes must be >= 2, got {num_classes}.")
         if vocab_size < num_classes + 10:
@@ -200,8 +202,9 @@ class SyntheticTask(TextClassificationTask):
             label = i % c
             length = rng.randint(max(self.seq_len // 2, c + 6), self.seq_len)
             body = [rng.randrange(2 + c, self.vocab_size) for _ in range(length - 1)]
-            positions = rng.sample(range(len(body)), 4 + (c - 1))
-            markers = [2 + label] * 4 + [2 + k if (k != label and rng.random() < 0.5) else body[0]
+            k_label = max(4, min(self.marker_count, len(body) - c))
+            positions = rng.sample(range(len(body)), k_label + (c - 1))
+            markers = [2 + label] * k_label + [2 + k if (k != label and rng.random() < 0.5) else body[0]
                                          for k in range(c) if k != label]
             for pos, tok in zip(positions, markers):
                 body[pos] = tok

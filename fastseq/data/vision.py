@@ -51,14 +51,16 @@ def _decodes(path: str) -> bool:
 
 
 def _processor_size(processor: Any, default: int) -> tuple[int, int]:
+    """(height, width) an image processor resizes to (dict or SizeDict ``size``), else default."""
     size = getattr(processor, "size", None)
-    if isinstance(size, dict):
-        if "height" in size and "width" in size:
-            return int(size["height"]), int(size["width"])
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"]), int(size["shortest_edge"])
     if isinstance(size, int):
         return size, size
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    if size is not None:
+        if get("height") and get("width"):
+            return int(get("height")), int(get("width"))
+        if get("shortest_edge"):
+            return int(get("shortest_edge")), int(get("shortest_edge"))
     return default, default
 
 
