@@ -241,3 +241,43 @@ def test_error_unsupported_file_and_bad_jsonl(tmp_path):
 def test_taskdata_key_count_checked():
     with pytest.raises(DataError, match="one key per train example"):
         TaskData(train=[{}, {}], test=[{}], partition_keys=[0], label_names=None)
+
+
+def test_hub_path_through_datasets_stub(monkeypatch):
+    """A hub id goes through datasets.load_dataset (stubbed here: no network in tests) and
+    the dataset's own test split is used."""
+    import types
+
+    calls = []
+
+    def load_dataset(hub_id):
+        calls.append(hub_id)
+        return {"train": [{"qtype": "symptoms", "Question": f"q{i}", "Answer": f"a{i}"} for i in range(30)],
+                "test": [{"qtype": "causes", "Question": "tq", "Answer": "ta"},
+                         {"qtype": "causes", "Question": "tq2", "Answer": ""}]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    d = get_task("medquad").load("keivalya/MedQuad-MedicalQnADataset", seed=0)
+    assert calls == ["keivalya/MedQuad-MedicalQnADataset"]
+    assert len(d.train) == 30 and [e["question"] for e in d.test] == ["tq"] and d.info["dropped_empty"] == 1
+    capped = get_task("medquad").load("keivalya/MedQuad-MedicalQnADataset", max_examples=10)
+    assert len(capped.train) == 10 and len(capped.test) == 1
+    get_task("medquad").load()
+    assert calls[-1] == "lavita/MedQuAD"
+
+
+def test_json_list_and_parquet(tmp_path):
+    import json
+
+    p = tmp_path / "qa.json"
+    p.write_text(json.dumps([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"},
+                             {"question": "q3", "answer": "a3"}]))
+    d = get_task("instruction").load(str(p))
+    assert len(d.train) == 2 and d.partition_keys == ["unknown", "unknown"]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        pq = tmp_path / "x.parquet"
+        pq.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match="pyarrow"):
+            get_task("instruction").load(str(pq))

