@@ -181,11 +181,14 @@ def run(quick=False, device=None, dtype=None, tokens=None, shapes=None, reps=Non
             for p in PROVIDERS:
                 if p not in provs:
                     print(f"skip {p} on {device.type}")
+            load0 = os.getloadavg()[0]
             res = measure_block(provs, d, f, RANK, T, dtype, device, reps, warmup)
+            load = round(max(load0, os.getloadavg()[0]), 2)  # 1-min load average: others' work
             block = []
             for prov in provs:
                 m = res[prov]
-                block.append(dict(meta, shape=shape, d=d, f=f, tokens=T, provider=prov, **m))
+                block.append(dict(meta, shape=shape, d=d, f=f, tokens=T, provider=prov, **m,
+                                  loadavg_1min=load))
                 print(f"{shape:9s} T={T:5d} {prov:14s} median {m['ms_median']:9.1f} ms  min {m['ms_min']:9.1f} ms  "
                       f"saved {m['saved_bytes'] / 2**20:8.2f} MiB" +
                       (f"  peak {m['peak_bytes'] / 2**20:8.1f} MiB" if m["peak_bytes"] is not None else ""),
