@@ -284,3 +284,14 @@ def test_token_type_ids_only_for_models_that_take_them():
              "labels": torch.zeros(1, dtype=torch.long)}
     assert set(model_inputs(B.tiny_bert(10, 2), batch)) == {"input_ids", "token_type_ids"}
     assert set(model_inputs(B.tiny_llama_classifier(10, 2, 0), batch)) == {"input_ids"}
+
+
+def test_chat_format_keeps_template_end_of_turn():
+    tok = B.word_tokenizer(["user assistant : hello hi there"])
+    tok.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} <eot> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    task = get_task("chatterbot-qa", prompt_format="chat")
+    batch = task.collate([{"question": "hello", "answer": "hi there", "category": "g"}], tok)
+    answer = tok.convert_ids_to_tokens(batch["labels"][0][batch["labels"][0] != -100].tolist())
+    assert answer == ["hi", "there", "<eot>", "</s>"]

@@ -142,8 +142,21 @@ class InstructionTask(Task):
         return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
 
+    def answer_text(self, example: dict, prompt: str, tokenizer: Any) -> str:
+        """The answer as it follows the prompt: the bare answer for the authors' format; for the
+        chat format, the rest of the rendered conversation (the answer plus the template's
+        end-of-turn markup) when the template renders the prompt as a prefix of it."""
+        if self.prompt_format == "chat":
+            full = tokenizer.apply_chat_template(
+                [{"role": "user", "content": example["question"]},
+                 {"role": "assistant", "content": example["answer"]}], tokenize=False)
+            if isinstance(full, str) and full.startswith(prompt) and example["answer"] in full[len(prompt):]:
+                return full[len(prompt):].rstrip()
+        return example["answer"]
+
     def encode(self, example: dict, tokenizer: Any, with_answer: bool = True) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt and of the answer (answer + eos). The prompt of the
+        """Token ids of the prompt and of the answer (answer + eos, or the chat template's
+        end-of-turn markup followed by eos when it is not already the last token). The prompt of the
         ``authors`` format gets the tokenizer's special prefix (e.g. BOS); the chat template
         supplies its own. When prompt + answer exceed ``max_length``, the answer is cut from
         the right; a prompt longer than ``max_length - min(len(answer), max_length // 4)`` keeps
@@ -157,9 +170,9 @@ class InstructionTask(Task):
                 p_ids = p_ids[:-1]
         if not with_answer:
             return p_ids[-self.max_length:], []
-        eos, eos_id = _eos_token(tokenizer)
-        a_ids = list(tokenizer(example["answer"], add_special_tokens=False)["input_ids"])
-        if eos_id is not None:
+        _, eos_id = _eos_token(tokenizer)
+        a_ids = list(tokenizer(self.answer_text(example, prompt, tokenizer), add_special_tokens=False)["input_ids"])
+        if eos_id is not None and (not a_ids or a_ids[-1] != eos_id):
             a_ids.append(eos_id)
         budget = self.max_length
         min_answer = min(len(a_ids), max(1, budget // 4))
