@@ -295,3 +295,14 @@ def test_chat_format_keeps_template_end_of_turn():
     batch = task.collate([{"question": "hello", "answer": "hi there", "category": "g"}], tok)
     answer = tok.convert_ids_to_tokens(batch["labels"][0][batch["labels"][0] != -100].tolist())
     assert answer == ["hi", "there", "<eot>", "</s>"]
+
+
+def test_image_batches_resized_to_the_model_input_size():
+    task = get_task("brain-tumor")  # processor None -> image_size 224 by default
+    d = task.load(fx("brain_tumor"), seed=0)
+    batch = task.collate(d.train[:2], None)
+    assert batch["pixel_values"].shape[-1] == 224
+    model = B.tiny_vit(3, 32)  # a 32-pixel model
+    assert task.prepare_batch(model, batch)["pixel_values"].shape == (2, 3, 32, 32)
+    assert torch.isfinite(task.loss(model, batch))
+    assert task.evaluate(B.tiny_siglip(3, 32), d.test, None)["num_examples"] == 3

@@ -113,6 +113,11 @@ class Task:
         return ("score",) if model_type in _SCORE_HEAD_MODEL_TYPES else ("classifier",)
 
     # -- interface ----------------------------------------------------------------------
+    def prepare_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adapt a collated batch to ``model`` just before the forward pass (identity here;
+        image tasks resize ``pixel_values`` to the model's input size)."""
+        return batch
+
     def load(self, data_path: str | None = None, seed: int = 0, max_examples: int | None = None) -> TaskData:
         raise NotImplementedError
 

@@ -72,7 +72,7 @@ def evaluate_classification(task: Task, model: torch.nn.Module, examples: Sequen
     total, preds, labels = 0.0, [], []
     with eval_mode(model):
         for chunk in batches(examples, batch_size):
-            batch = to_device(task.collate(chunk, processor), device)
+            batch = task.prepare_batch(model, to_device(task.collate(chunk, processor), device))
             logits = _logits(model(**model_inputs(model, batch))).float()
             y = batch["labels"]
             total += F.cross_entropy(logits, y, reduction="sum").item()

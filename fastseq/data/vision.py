@@ -64,6 +64,19 @@ def _processor_size(processor: Any, default: int) -> tuple[int, int]:
     return default, default
 
 
+def model_image_size(model: Any) -> tuple[int, int] | None:
+    """(height, width) from ``config.image_size`` or ``config.vision_config.image_size``."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None)
+    if size is None:
+        size = getattr(getattr(cfg, "vision_config", None), "image_size", None)
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return None
+
+
 class ImageClassificationTask(Task):
     kind = "image-classification"
     metric_for_selection = "accuracy"
@@ -75,8 +88,19 @@ class ImageClassificationTask(Task):
             raise DataError(f"image_size must be >= 4, got {image_size}.")
         self.image_size = image_size
 
+    def prepare_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resize ``pixel_values`` (bilinear) to the model's ``image_size`` when they differ, so
+        that ``processor=None`` batches fit any ViT/SigLIP config."""
+        size = model_image_size(model)
+        pv = batch.get("pixel_values")
+        if size is not None and pv is not None and tuple(pv.shape[-2:]) != size:
+            batch = dict(batch)
+            batch["pixel_values"] = torch.nn.functional.interpolate(pv, size=size, mode="bilinear",
+                                                                    align_corners=False)
+        return batch
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return classification_loss(model, batch)
+        return classification_loss(model, self.prepare_batch(model, batch))
 
     def evaluate(self, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
                  batch_size: int = 16) -> dict[str, float]:
