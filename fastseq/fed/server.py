@@ -1,0 +1,169 @@
+"""The federated server: bytes in, bytes out, no engine-specific logic.
+
+``configure_round(r) -> [(client_id, downlink_blob)]``, ``aggregate(r, [(client_id, uplink_blob)],
+failures) -> record``, ``evaluate(r)``, ``configure_evaluate(r)``, ``state_dict`` /
+``load_state_dict`` (checkpoints: safetensors + json, see :mod:`.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..comm import ByteCounter, DownlinkState, Expected, PayloadError, decode
+from .client import derive_seed
+from .methods import Method
+from .server_opt import ServerOptimizer
+
+log = logging.getLogger("fastseq.fed")
+
+
+@dataclass
+class ServerConfig:
+    num_clients: int = 5
+    clients_per_round: int = 3
+    seed: int = 0
+    min_clients: int = 1
+    server_opt: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    downlink_codec: str = "none"
+    uplink_codecs: tuple[str, ...] | None = None
+    max_update_bytes: int | None = None
+
+
+class Server:
+    def __init__(self, method: Method, initial_state: dict[str, torch.Tensor], cfg: ServerConfig,
+                 evaluator: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+                 logger: Callable[[str], None] | None = None):
+        self.method, self.cfg, self.evaluator = method, cfg, evaluator
+        self.log = logger or log.info
+        self.global_state = {k: v.detach().float().clone() for k, v in initial_state.items()}
+        self.shared = list(method.shared_names())
+        self.opt = ServerOptimizer(cfg.server_opt, cfg.server_lr, momentum=cfg.server_momentum)
+        self.down = DownlinkState(cfg.downlink_codec)
+        self.bytes = ByteCounter()
+        self.history: list[dict[str, Any]] = []
+        self.round = 0
+        if not (1 <= cfg.clients_per_round <= cfg.num_clients):
+            raise ValueError(f"clients_per_round must be in 1..{cfg.num_clients}, got {cfg.clients_per_round}")
+        self._shapes = {n: tuple(initial_state[n].shape) for n in self.shared}
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [str(i) for i in range(self.cfg.num_clients)]
+
+    def sample(self, round: int) -> list[str]:
+        rng = random.Random(derive_seed(self.cfg.seed, round, "sample"))
+        return sorted(rng.sample(self.client_ids, self.cfg.clients_per_round), key=int)
+
+    def _downlink(self, cid: str, round: int) -> bytes:
+        blob = self.down.encode_for(cid, self.global_state, round=round, method=self.method.name)
+        self.bytes.record(blob)
+        return blob
+
+    def configure_round(self, round: int) -> list[tuple[str, bytes]]:
+        """Sample the round's clients and encode each one's downlink (counted)."""
+        return [(cid, self._downlink(cid, round)) for cid in self.sample(round)]
+
+    def configure_evaluate(self, round: int) -> list[tuple[str, bytes]]:
+        """Downlinks for a personalised evaluation of every client (counted as downlink bytes)."""
+        return [(cid, self._downlink(cid, round)) for cid in self.client_ids]
+
+    def aggregate(self, round: int, results: Sequence[tuple[str, bytes]],
+                  failures: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        """Decode, validate and aggregate the uplinks; returns the round record."""
+        dropped = [{"client": str(c), "reason": str(r)} for c, r in failures]
+        for d in dropped:
+            self.log(f"round {round}: dropped client {d['client']}: {d['reason']}")
+        expected = Expected(tensors={n: (s, None) for n, s in self._shapes.items()}, round=round,
+                            method=self.method.name, direction="up", codecs=self.cfg.uplink_codecs,
+                            max_bytes=self.cfg.max_update_bytes)
+        states, weights, ok, losses = [], [], [], []
+        for cid, blob in results:
+            cid = str(cid)
+            try:
+                exp = Expected(**{**expected.__dict__, "client_id": cid})
+                upd = decode(blob, expected=exp)
+                for n, t in upd.tensors.items():
+                    if not bool(torch.isfinite(t).all()):
+                        raise PayloadError(f"tensor {n!r} has non-finite values")
+                if upd.example_count < 1:
+                    raise PayloadError("example_count is 0")
+                known = self.down.client_state(cid)
+                if known is None:
+                    raise PayloadError(f"client {cid} sent an update without having received the global state")
+            except PayloadError as e:
+                self.bytes.record(blob, round=round, client_id=cid, direction="up")
+                dropped.append({"client": cid, "reason": f"{type(e).__name__}: {e}"})
+                self.log(f"round {round}: dropped client {cid}: {type(e).__name__}: {e}")
+                continue
+            self.bytes.record(upd)
+            states.append({n: known[n].float() + upd.tensors[n].float() for n in self.shared})
+            weights.append(float(upd.example_count))
+            ok.append(cid)
+            tl = upd.extra.get("train_loss")
+            if isinstance(tl, (int, float)) and math.isfinite(tl):
+                losses.append((tl, upd.example_count))
+        summary = self.bytes.summary(round)
+        record: dict[str, Any] = {
+            "round": round, "method": self.method.name, "clients": ok, "dropped": dropped,
+            "uplink_bytes": summary["uplink_bytes"] + summary["uplink_rejected_bytes"],
+            "downlink_bytes": summary["downlink_bytes"],
+            "examples": int(sum(weights)),
+            "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
+        }
+        if len(ok) < max(1, self.cfg.min_clients):
+            record["skipped"] = True
+            self.log(f"round {round}: only {len(ok)} valid updates (< min_clients={self.cfg.min_clients}); "
+                     "the global state is unchanged")
+        else:
+            target = self.method.aggregate(self.global_state, states, weights)
+            delta = {n: target[n] - self.global_state[n] for n in self.shared}
+            new = self.opt.step(self.global_state, delta)
+            state = dict(self.global_state)
+            state.update({k: v for k, v in target.items() if k not in new})
+            state.update(new)
+            self.global_state = state
+            record["skipped"] = False
+        self.round = round
+        return record
+
+    def evaluate(self, round: int) -> dict[str, Any]:
+        """Evaluate the global state (non-personalised methods) with the evaluator."""
+        if self.evaluator is None:
+            return {}
+        return self.evaluator(self.global_state)
+
+    def finish_round(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, json-able metadata) of everything a resumed run needs."""
+        tensors = {f"global/{k}": v for k, v in self.global_state.items()}
+        tensors.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
+        for cid, st in self.down.known.items():
+            tensors.update({f"known/{cid}/{k}": v for k, v in st.items()})
+        meta = {"round": self.round, "history": self.history, "method": self.method.name}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("method") != self.method.name:
+            raise ValueError(f"checkpoint is for method {meta.get('method')!r}, not {self.method.name!r}")
+        self.global_state = {k[7:]: v.float() for k, v in tensors.items() if k.startswith("global/")}
+        self.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt/")})
+        known: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("known/"):
+                _, cid, name = k.split("/", 2)
+                known.setdefault(cid, {})[name] = v
+        self.down.known = known
+        self.round = int(meta["round"])
+        self.history = list(meta["history"])
+
