@@ -189,7 +189,10 @@ def ensure_pad_token(tokenizer, model: nn.Module | None = None):
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
             if model is not None:
                 model.resize_token_embeddings(len(tokenizer))
-        log.info("tokenizer had no pad token; using %r", tokenizer.pad_token)
+            else:
+                log.warning("added a '<pad>' token: resize the model's embeddings to len(tokenizer)=%d", len(tokenizer))
+        log.warning("tokenizer had no pad token; using %r (padding is masked out of attention and loss)",
+                    tokenizer.pad_token)
     if model is not None and tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer

@@ -99,7 +99,7 @@ def test_pad_token_fix_uses_eos_and_logs(caplog):
 def test_pad_token_fix_without_eos_adds_token(caplog):
     tok = B.word_tokenizer(["hello"], pad=False, eos=False)
     n = len(tok)
-    with caplog.at_level(logging.WARNING, logger="fastseq.data"):
+    with caplog.at_level(logging.WARNING, logger="fastseq"):
         ensure_pad_token(tok)
     assert tok.pad_token == "<pad>" and len(tok) == n + 1 and "resize" in caplog.text
     ensure_pad_token(tok)  # idempotent

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models import ensure_pad_token  # one implementation, shared with model loading
 from . import metrics
 from .base import (
     DataError,
@@ -35,28 +36,11 @@ from .base import (
     to_device,
 )
 
+
 logger = logging.getLogger("fastseq.data")
 
 AUTHORS_PROMPT = "### INSTRUCTION\nAnswer the Question\n\n### QUESTION\n{question}\n\n### ANSWER\n"
 PROMPT_FORMATS = ("authors", "chat")
-
-
-def ensure_pad_token(tokenizer: Any) -> Any:
-    """Give ``tokenizer`` a pad token if it has none (pad = eos, else a new ``<pad>`` token)
-    and log a note. Returns the tokenizer. When a token is added, the model's embeddings must
-    be resized (``model.resize_token_embeddings(len(tokenizer))``)."""
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return tokenizer
-    if getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.warning("tokenizer has no pad token; using the eos token %r as pad token "
-                       "(padding is masked out of attention and loss).", tokenizer.eos_token)
-    else:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        logger.warning("tokenizer has neither pad nor eos token; added a '<pad>' token (id %d): "
-                       "resize the model's embeddings to len(tokenizer)=%d.",
-                       tokenizer.pad_token_id, len(tokenizer))
-    return tokenizer
 
 
 def _eos_token(tokenizer: Any) -> tuple[str | None, int | None]:
