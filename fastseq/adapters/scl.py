@@ -75,6 +75,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 # --- frozen projection weights, as the kernels want them ---------------------------------
 
 _DEQUANT_BUFFERS: dict[tuple, torch.Tensor] = {}
+_NO_DEQUANT_OUT: set[str] = set()  # device types whose bitsandbytes lacks dequantize_4bit(out=)
 
 
 def _dequantized(module: nn.Module, role: str) -> Callable[[], torch.Tensor]:
@@ -94,7 +95,12 @@ def _dequantized(module: nn.Module, role: str) -> Callable[[], torch.Tensor]:
             out = _DEQUANT_BUFFERS.get(key)
             if out is None:
                 out = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-            return bnbf.dequantize_4bit(weight.data, state, out=out)
+            if weight.device.type not in _NO_DEQUANT_OUT:
+                try:
+                    return bnbf.dequantize_4bit(weight.data, state, out=out)
+                except NotImplementedError:  # bitsandbytes' CPU backend has no `.out` overload
+                    _NO_DEQUANT_OUT.add(weight.device.type)
+            return out.copy_(bnbf.dequantize_4bit(weight.data, state))
         scb = getattr(weight, "SCB", None)
         if scb is None and getattr(module, "state", None) is not None:
             scb = module.state.SCB
@@ -120,6 +126,10 @@ def is_quantized(module: nn.Module) -> bool:
 def frozen_weight(module: nn.Module, role: str):
     """The [out, in] weight of a projection: a tensor, or a dequantizing callable for bnb layers."""
     if is_quantized(module):
+        # bitsandbytes repacks 4-bit weights in place into a CPU inference layout on its first
+        # no-grad eval forward (AVX512-BF16 CPUs); `_dequantized` reads the NF4 layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
         return _dequantized(module, role)
     if is_conv1d(module):
         return module.weight.t()
