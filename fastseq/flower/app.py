@@ -1,0 +1,260 @@
+"""fastseq's Flower ServerApp and ClientApp (flwr >= 1.40 Message API).
+
+The Flower layer only moves bytes. The ServerApp runs the embedded engine's round loop
+(:func:`fastseq.fed.engine.run_experiment`: sampling, aggregation, validation, checkpoints,
+metrics, summary, adapter) with a ``client_factory`` whose clients are proxies: a proxy's
+``fit(downlink_blob, round)`` sends the blob to the SuperNode that holds that client's
+partition and returns the uplink blob the node's :class:`fastseq.fed.client.Client`
+produced. Blobs travel unchanged as ``bytes`` values of a ``ConfigRecord`` (no re-encoding,
+no pickle); metrics travel as a JSON string.
+
+Client ids are partition ids: a SuperNode started with ``--node-config "partition-id=N
+num-partitions=M"`` is fastseq client ``"N"`` of an experiment with ``clients = M``. The
+ServerApp discovers the mapping with a ``query`` message to every connected node.
+
+Message layout (record ``"fastseq"``, a ConfigRecord):
+  train/evaluate request: ``client-id`` (str), ``round`` (int), ``blob`` (bytes),
+      ``discard-after`` (int, -2 = nothing to discard)
+  train reply: ``blob`` (bytes), ``metrics`` (JSON str); evaluate reply: ``metrics``
+  query reply: ``partition-id``, ``num-partitions`` (int, -1 when not configured)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .config import from_run_config
+
+log = logging.getLogger("fastseq.flower")
+
+RECORD = "fastseq"
+NO_DISCARD = -2
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+class RemoteClientError(RuntimeError):
+    """A SuperNode did not return a valid reply (error reply, timeout, bad content)."""
+
+
+def _record(msg: Message) -> ConfigRecord:
+    if msg.has_error():
+        raise RemoteClientError(f"node {msg.metadata.src_node_id} replied with error "
+                                f"{msg.error.code}: {msg.error.reason}")
+    if RECORD not in msg.content.config_records:
+        raise RemoteClientError(f"node {msg.metadata.src_node_id} replied without a '{RECORD}' record")
+    return msg.content.config_records[RECORD]
+
+
+# ---------------------------------------------------------------------------------------------
+# ServerApp
+# ---------------------------------------------------------------------------------------------
+def discover_nodes(grid: Grid, num_clients: int, wait_s: float, echo=print) -> dict[str, int]:
+    """Ask every connected node for its partition id until ``0..num_clients-1`` are all
+    covered; returns ``{client_id: node_id}``."""
+    mapping: dict[str, int] = {}
+    asked: set[int] = set()
+    deadline = time.monotonic() + wait_s
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query") for n in new]
+            replies = list(grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())))
+            for rep in replies:
+                node = rep.metadata.src_node_id
+                try:
+                    rec = _record(rep)
+                except RemoteClientError as e:
+                    echo(f"flower: ignoring node {node}: {e}")
+                    asked.add(node)
+                    continue
+                asked.add(node)
+                pid, num = int(rec["partition-id"]), int(rec["num-partitions"])
+                if pid < 0:
+                    echo(f"flower: ignoring node {node}: it has no partition-id in its --node-config")
+                    continue
+                if num not in (-1, num_clients):
+                    raise RemoteClientError(f"node {node} has num-partitions={num} but the experiment has "
+                                            f"clients={num_clients}")
+                if pid >= num_clients:
+                    raise RemoteClientError(f"node {node} has partition-id={pid} >= clients={num_clients}")
+                cid = str(pid)
+                if cid in mapping and mapping[cid] != node:
+                    raise RemoteClientError(f"nodes {mapping[cid]} and {node} both claim partition-id={pid}")
+                mapping[cid] = node
+        missing = [str(i) for i in range(num_clients) if str(i) not in mapping]
+        if not missing:
+            return mapping
+        if time.monotonic() > deadline:
+            raise RemoteClientError(f"timed out after {wait_s:.0f} s waiting for SuperNodes with partition-id "
+                                    f"{', '.join(missing)} (connected: {sorted(mapping, key=int)})")
+        time.sleep(0.5)
+
+
+class RemoteClient:
+    """Stands in for :class:`fastseq.fed.client.Client` inside the embedded round loop: the same
+    ``fit``/``evaluate``/``discard_after`` interface, executed on the client's SuperNode."""
+
+    def __init__(self, grid: Grid, node_id: int, client_id: str, timeout: float):
+        self.grid, self.node_id, self.client_id, self.timeout = grid, node_id, str(client_id), timeout
+        self._discard = NO_DISCARD
+
+    def discard_after(self, round: int) -> None:
+        # Applied by the node before its next fit/evaluate (its state lives on that machine).
+        self._discard = int(round)
+
+    def _call(self, kind: str, blob: bytes, round: int) -> ConfigRecord:
+        content = RecordDict({RECORD: ConfigRecord({"client-id": self.client_id, "round": int(round),
+                                                    "blob": bytes(blob), "discard-after": self._discard})})
+        msg = Message(content=content, dst_node_id=self.node_id, message_type=kind)
+        replies = list(self.grid.send_and_receive([msg], timeout=self.timeout))
+        if not replies:
+            raise RemoteClientError(f"client {self.client_id} (node {self.node_id}) did not reply to "
+                                    f"{kind} of round {round} within {self.timeout:.0f} s")
+        rec = _record(replies[0])
+        self._discard = NO_DISCARD
+        return rec
+
+    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+        rec = self._call("train", downlink_blob, round)
+        blob = rec["blob"]
+        if not isinstance(blob, bytes):
+            raise RemoteClientError(f"client {self.client_id}: the reply's blob is {type(blob).__name__}, not bytes")
+        return blob, json.loads(rec["metrics"])
+
+    def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
+        return json.loads(self._call("evaluate", downlink_blob, round)["metrics"])
+
+
+def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, Any]:
+    """The ServerApp body: discover nodes, then run the embedded round loop with remote clients."""
+    import dataclasses
+
+    from ..fed.checkpoint import atomic_write_json
+    from ..fed.engine import run_experiment
+    from ..fed.experiment import default_out
+
+    cfg, flower = from_run_config(run_config)
+    if cfg.out is None:
+        cfg.out = os.path.abspath(default_out(cfg))
+    echo(f"flower: waiting for {cfg.clients} SuperNodes (partition-id 0..{cfg.clients - 1})")
+    nodes = discover_nodes(grid, cfg.clients, float(flower["node-wait-s"]), echo=echo)
+    echo("flower: client -> node " + ", ".join(f"{c}->{n}" for c, n in sorted(nodes.items(), key=lambda x: int(x[0]))))
+    timeout = float(flower["reply-timeout-s"])
+
+    def factory(_cfg, _rt, cid, _state_dir):
+        return RemoteClient(grid, nodes[str(cid)], str(cid), timeout)
+
+    local_cfg = dataclasses.replace(cfg, engine="local")
+    summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo)
+    # config.json as the embedded engine writes it, plus how this run was carried out.
+    cpath = Path(cfg.out) / "config.json"
+    conf = json.loads(cpath.read_text())
+    conf["engine"] = "flower"
+    conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()}, **flower}
+    atomic_write_json(cpath, conf)
+    summary["engine"] = "flower"
+    atomic_write_json(Path(cfg.out) / "summary.json", summary)
+    return summary
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+# ---------------------------------------------------------------------------------------------
+# ClientApp
+# ---------------------------------------------------------------------------------------------
+_RUNTIME_CACHE: dict[str, Any] = {}
+
+
+def experiment_key(run_config: dict[str, Any]) -> str:
+    """A stable name for an experiment's client state (same config => same folder)."""
+    return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def client_state_root(context: Context, flower: dict[str, Any], cfg) -> Path:
+    node_dir = context.node_config.get("state-dir")
+    if node_dir:
+        return Path(str(node_dir)).expanduser()
+    if flower.get("client-state-dir"):
+        return Path(str(flower["client-state-dir"])).expanduser()
+    rc = {k: v for k, v in context.run_config.items() if k not in ("progress", "resume")}
+    return Path.home() / ".cache" / "fastseq" / "flower" / experiment_key(rc)
+
+
+def _node_partition(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id: start it with "
+                         "--node-config \"partition-id=N num-partitions=M\"")
+    return int(context.node_config["partition-id"])
+
+
+def build_local_client(context: Context, client_id: str):
+    """The node's fastseq Client for ``client_id`` (its runtime is cached per process)."""
+    from ..fed.experiment import build_client, build_runtime
+
+    cfg, flower = from_run_config(dict(context.run_config))
+    if context.node_config.get("data-path"):
+        cfg.data_path = str(context.node_config["data-path"])
+    key = json.dumps([cfg.to_dict(), context.run_id], sort_keys=True, default=str)
+    if key not in _RUNTIME_CACHE:
+        _RUNTIME_CACHE.clear()
+        _RUNTIME_CACHE[key] = build_runtime(cfg, echo=log.info)
+    rt = _RUNTIME_CACHE[key]
+    state_dir = client_state_root(context, flower, cfg) / f"client_{client_id}"
+    if flower.get("deepspeed"):
+        from ..fed.deepspeed_client import DeepSpeedConfig, make_client_factory
+
+        factory = make_client_factory(DeepSpeedConfig.from_json(flower["deepspeed"]))
+    else:
+        factory = build_client
+    return factory(cfg, rt, client_id, state_dir)
+
+
+def _handle(msg: Message, context: Context, kind: str) -> Message:
+    req = msg.content.config_records[RECORD]
+    cid = str(req["client-id"])
+    pid = _node_partition(context)
+    if cid != str(pid):
+        raise ValueError(f"message for client {cid} reached the node with partition-id={pid}")
+    client = build_local_client(context, cid)
+    if int(req["discard-after"]) != NO_DISCARD:
+        client.discard_after(int(req["discard-after"]))
+    blob, rnd = req["blob"], int(req["round"])
+    if kind == "train":
+        up, metrics = client.fit(blob, rnd)
+        rec = ConfigRecord({"blob": up, "metrics": json.dumps(metrics)})
+    else:
+        rec = ConfigRecord({"metrics": json.dumps(client.evaluate(blob, rnd))})
+    return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
+
+
+@client_app.train()
+def _client_train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "train")
+
+
+@client_app.evaluate()
+def _client_evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "evaluate")
+
+
+@client_app.query()
+def _client_query(msg: Message, context: Context) -> Message:
+    nc = context.node_config
+    rec = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)),
+                        "num-partitions": int(nc.get("num-partitions", -1))})
+    return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
