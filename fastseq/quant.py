@@ -80,6 +80,9 @@ def check_device(quantization: str, device: str | torch.device = "cpu") -> None:
     import bitsandbytes.functional as bnbf
 
     dev = torch.device(device)
+    if dev.type == "meta":
+        raise QuantizationError(f"{quantization} needs real weights; the meta device holds none (materialise the model "
+                                f"on cpu or cuda first)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuantizationError(f"device {dev} asked for {quantization} but CUDA is not available; use device='cpu'")
     try:
