@@ -155,6 +155,7 @@ class LocalDeployment:
                     "--max-wait-time", str(int(self.start_timeout)),
                     "--node-config", " ".join(f"{k}={_node_value(v)}" for k, v in nc.items())])
             write_connection(self.flwr_home, self.address, insecure=True)
+            (self.workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs}))
             self.echo(f"flower: local deployment: SuperLink {self.address} (pid {link.pid}), "
                       f"{self.n} SuperNodes (pids {', '.join(str(p.pid) for n, p in self.procs[1:])}); "
                       f"logs in {self.workdir}")

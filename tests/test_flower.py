@@ -1,0 +1,118 @@
+"""The Flower engine: a real SuperLink + SuperNodes on 127.0.0.1, same results as the local engine."""
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from fastseq.fed.engine import run_experiment  # noqa: E402
+from fastseq.fed.experiment import ExperimentConfig  # noqa: E402
+from fastseq.flower.config import FLOWER_KEYS, from_run_config, key_of, project_toml, to_run_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(out, **kw):
+    # 2 clients, one sampled per round: with seed 0 round 1 samples client 1 and round 2
+    # client 0, so both SuperNodes train (one ClientApp process per message keeps this < 90 s).
+    base = dict(model="tiny-bert", task="synthetic", clients=2, clients_per_round=1, rounds=2, local_steps=3,
+                batch_size=8, max_examples=64, eval_examples=32, min_client_size=4, partition="iid", seed=0,
+                out=str(out), progress=False)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def test_run_config_round_trip():
+    cfg = ExperimentConfig(model="tiny-llama", task="synthetic", lora_r=4, local_epochs=1.5,
+                           task_options={"n": 3}, out="/tmp/x")
+    rc = to_run_config(cfg, resume=True)
+    assert rc["lora-r"] == 4 and rc["server-lr"] == "" and rc["task-options"] == '{"n": 3}' and rc["resume"] is True
+    back, flower = from_run_config(tomllib.loads(project_toml(rc))["tool"]["flwr"]["app"]["config"])
+    assert back == cfg and flower["resume"] is True
+    with pytest.raises(ValueError):
+        to_run_config(cfg, nonsense=1)
+
+
+def test_flower_app_project_is_in_sync():
+    """flower_app/pyproject.toml names fastseq's components and has every config key."""
+    proj = tomllib.loads((REPO / "flower_app" / "pyproject.toml").read_text())
+    app = proj["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fastseq.flower.app:server_app",
+                                 "clientapp": "fastseq.flower.app:client_app"}
+    expected = set(to_run_config(ExperimentConfig()))
+    assert set(app["config"]) == expected
+    assert set(FLOWER_KEYS) <= expected and key_of("clients_per_round") in expected
+    cfg, _ = from_run_config(app["config"])
+    assert cfg.validate() is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_flower_deployment_matches_local_engine(tmp_path):
+    from fastseq.flower import run_flower
+
+    emb = run_experiment(_cfg(tmp_path / "local"), echo=lambda s: None)
+    fl = run_flower(_cfg(tmp_path / "flower"), timeout=180, echo=lambda s: None)
+
+    # every process of the deployment was stopped
+    pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
+    assert set(pids) == {"superlink", "supernode_0", "supernode_1"}
+    assert not [n for n, p in pids.items() if _alive(p)]
+    assert fl["flower_status"] == "finished:completed" and fl["engine"] == "flower"
+
+    # the same metrics (same sampling, same updates, same evaluation)
+    def rows(d):
+        return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows(tmp_path / "local"), rows(tmp_path / "flower")
+    assert [r["round"] for r in b] == [0, 1, 2]
+    assert [r["clients"] for r in b] == [r["clients"] for r in a] == [[], ["1"], ["0"]]
+    for ra, rb in zip(a, b):
+        for k in ("uplink_bytes", "downlink_bytes", "examples", "dropped", "skipped"):
+            assert ra[k] == rb[k], k
+        for k in ("eval_loss", "accuracy", "train_loss"):
+            if ra.get(k) is None:
+                assert rb.get(k) is None
+            else:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), k
+    assert fl["final"] == pytest.approx(emb["final"]) and fl["uplink_bytes"] == emb["uplink_bytes"]
+
+    # the same aggregated state: final adapter and last checkpoint
+    fa = sorted((tmp_path / "local" / "adapter").glob("*.safetensors"))
+    assert fa, "the local engine wrote no adapter"
+    for f in fa:
+        x, y = load_file(f), load_file(tmp_path / "flower" / "adapter" / f.name)
+        assert set(x) == set(y)
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+    x = load_file(tmp_path / "local" / "checkpoints" / "round_2" / "server.safetensors")
+    y = load_file(tmp_path / "flower" / "checkpoints" / "round_2" / "server.safetensors")
+    assert set(x) == set(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+
+    # the clients' persisted state lives where the local engine keeps it
+    assert (tmp_path / "flower" / "clients" / "client_0" / "round_2.safetensors").is_file()
+    assert (tmp_path / "flower" / "clients" / "client_1" / "round_1.safetensors").is_file()
+    conf = json.loads((tmp_path / "flower" / "config.json").read_text())
+    assert conf["engine"] == "flower" and set(conf["flower"]["nodes"]) == {"0", "1"}
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["engine"] == "flower"
