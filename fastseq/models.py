@@ -254,6 +254,10 @@ def load_model(
             f"cannot load {name_or_path!r}: {exc}. Without network access pass a local folder "
             f"(e.g. one written by `save_pretrained`) or a built-in tiny model {TINY_MODELS}"
         ) from exc
+    if quantization != "none":
+        from .quant import keep_cpu_layout
+
+        keep_cpu_layout(model)  # the fused path reads bitsandbytes' portable 4-bit layout
     processor = _load_processor(str(path) if path.exists() else name_or_path, task_kind)
     if task_kind != "image-classification":
         ensure_pad_token(processor, model)
