@@ -116,3 +116,51 @@ def test_flower_deployment_matches_local_engine(tmp_path):
     conf = json.loads((tmp_path / "flower" / "config.json").read_text())
     assert conf["engine"] == "flower" and set(conf["flower"]["nodes"]) == {"0", "1"}
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["engine"] == "flower"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_existing_deployment_and_failing_node(tmp_path):
+    """run_flower(superlink=...) submits to a running deployment; a node whose ClientApp fails
+    (here: a data-path that does not exist) is dropped for the round, the round goes on."""
+    from fastseq.flower import LocalDeployment, run_flower
+
+    dep = LocalDeployment(2, tmp_path / "dep", node_config={"state-dir": str(tmp_path / "nodes")},
+                          per_node=[{}, {"data-path": str(tmp_path / "missing")}], echo=lambda s: None)
+    try:
+        dep.start()
+        pids = [p.pid for _, p in dep.procs]
+        cfg = _cfg(tmp_path / "run", clients_per_round=2, rounds=1)
+        summary = run_flower(cfg, superlink=dep.address, insecure=True, timeout=150, echo=lambda s: None)
+        dep.check_alive()  # submitting does not stop someone else's deployment
+    finally:
+        dep.stop()
+    assert not [p for p in pids if _alive(p)]
+    assert summary["flower_status"] == "finished:completed" and summary["dropped"] == 1
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["round"] == 1 and rec["clients"] == ["0"] and not rec["skipped"]
+    assert [d["client"] for d in rec["dropped"]] == ["1"] and "missing" in rec["dropped"][0]["reason"]
+    assert (tmp_path / "nodes" / "client_0" / "round_1.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "checkpoints" / "round_1").is_dir()
+
+
+def test_stop_process_ends_the_whole_group(tmp_path):
+    import subprocess
+    import time
+
+    from fastseq.flower.deploy import free_ports, stop_process, write_connection
+
+    p = subprocess.Popen(["sh", "-c", f"sleep 60 & echo $! > {tmp_path}/child; wait"], start_new_session=True)
+    for _ in range(100):
+        if (tmp_path / "child").is_file() and (tmp_path / "child").read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int((tmp_path / "child").read_text())
+    stop_process(p, timeout=5)
+    time.sleep(0.2)
+    assert p.poll() is not None and not _alive(child)
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    conf = tomllib.loads(write_connection(tmp_path / "home", f"127.0.0.1:{ports[0]}", insecure=True).read_text())
+    assert conf["superlink"]["default"] == "fastseq"
+    assert conf["superlink"]["fastseq"] == {"address": f"127.0.0.1:{ports[0]}", "insecure": True}

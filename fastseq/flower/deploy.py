@@ -9,6 +9,7 @@ run to that deployment (TLS unless ``insecure=True``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -115,10 +117,14 @@ class LocalDeployment:
     Use as a context manager; ``stop()`` ends every process started here."""
 
     def __init__(self, num_supernodes: int, workdir: str | os.PathLike, *, node_config: dict[str, Any] | None = None,
-                 start_timeout: float = 60.0, echo: Callable[[str], None] = print):
+                 per_node: Sequence[dict[str, Any]] | None = None, start_timeout: float = 60.0,
+                 echo: Callable[[str], None] = print):
         self.n = int(num_supernodes)
         self.workdir = Path(workdir).resolve()
-        self.node_config = dict(node_config or {})
+        self.node_config = dict(node_config or {})  # extra node config of every SuperNode
+        self.per_node = [dict(d) for d in (per_node or [{}] * self.n)]  # ... and of SuperNode i
+        if len(self.per_node) != self.n:
+            raise ValueError(f"per_node has {len(self.per_node)} entries for {self.n} SuperNodes")
         self.start_timeout = start_timeout
         self.echo = echo
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -149,7 +155,7 @@ class LocalDeployment:
                 "--port", str(self.port)])
             wait_for_port(LOOPBACK, self.port, self.start_timeout, link)
             for i in range(self.n):
-                nc = {"partition-id": i, "num-partitions": self.n, **self.node_config}
+                nc = {"partition-id": i, "num-partitions": self.n, **self.node_config, **self.per_node[i]}
                 self._spawn(f"supernode_{i}", flower_command("flower-supernode") + [
                     "--insecure", "--superlink", self.address, "--host", LOOPBACK, "--port", str(ports[1 + i]),
                     "--max-wait-time", str(int(self.start_timeout)),
@@ -221,10 +227,12 @@ def submit(app_dir: str | os.PathLike, flwr_home: str | os.PathLike, *, timeout:
            log_path: str | os.PathLike, echo: Callable[[str], None] = print,
            alive: Callable[[], None] | None = None) -> str:
     """``flwr run APP fastseq --stream``; streams the ServerApp log to ``log_path`` and
-    ``echo``; returns the run id. Raises FlowerError on failure or timeout."""
+    ``echo``; returns the run id. Raises FlowerError on failure or timeout; on any abnormal
+    exit (also KeyboardInterrupt) the submitted run is stopped with ``flwr stop``."""
     cmd = flower_command("flwr") + ["run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
     run_id = None
     t0 = time.monotonic()
+    finished = False
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=flower_env(flwr_home), text=True, bufsize=1, start_new_session=True)
@@ -254,13 +262,45 @@ def submit(app_dir: str | os.PathLike, flwr_home: str | os.PathLike, *, timeout:
                     run_id = m.group(1)
                 echo(line.rstrip("\n"))
             proc.wait(timeout=30)
+            finished = True
         finally:
             stop_process(proc)
+            if not finished and run_id is not None:
+                stop_run(run_id, flwr_home)
     if proc.returncode != 0:
         raise FlowerError(f"flwr run exited with {proc.returncode}; log: {log_path}")
     if run_id is None:
         raise FlowerError(f"flwr run did not start a run; log: {log_path}")
     return run_id
+
+
+def stop_run(run_id: str, flwr_home: str | os.PathLike) -> None:
+    """``flwr stop RUN_ID`` (best effort: the SuperLink may already be gone)."""
+    try:
+        subprocess.run(flower_command("flwr") + ["stop", str(run_id), CONNECTION], capture_output=True,
+                       env=flower_env(flwr_home), timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the deployment is cleaned up."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_status(run_id: str, flwr_home: str | os.PathLike) -> str:
@@ -315,16 +355,17 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
     rc = to_run_config(dataclasses.replace(cfg, engine="flower", progress=False), **flower_keys)
     app_dir = write_project(work / "app", rc)
     t0 = time.time()
-    if superlink is None:
-        with LocalDeployment(cfg.clients, work, echo=echo) as dep:
-            run_id = submit(app_dir, dep.flwr_home, timeout=timeout, log_path=work / "run.log", echo=echo,
-                            alive=dep.check_alive)
-            status = run_status(run_id, dep.flwr_home)
-    else:
-        home = work / "flwr_home"
-        write_connection(home, superlink, insecure=insecure, root_certificates=root_certificates)
-        run_id = submit(app_dir, home, timeout=timeout, log_path=work / "run.log", echo=echo)
-        status = run_status(run_id, home)
+    with _sigterm_as_interrupt():
+        if superlink is None:
+            with LocalDeployment(cfg.clients, work, echo=echo) as dep:
+                run_id = submit(app_dir, dep.flwr_home, timeout=timeout, log_path=work / "run.log", echo=echo,
+                                alive=dep.check_alive)
+                status = run_status(run_id, dep.flwr_home)
+        else:
+            home = work / "flwr_home"
+            write_connection(home, superlink, insecure=insecure, root_certificates=root_certificates)
+            run_id = submit(app_dir, home, timeout=timeout, log_path=work / "run.log", echo=echo)
+            status = run_status(run_id, home)
     echo(f"flower: run {run_id} {status}")
     if "fail" in status or "stop" in status:
         raise FlowerError(f"Flower run {run_id} ended with status {status}; log: {work / 'run.log'}")
