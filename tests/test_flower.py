@@ -164,3 +164,13 @@ def test_stop_process_ends_the_whole_group(tmp_path):
     conf = tomllib.loads(write_connection(tmp_path / "home", f"127.0.0.1:{ports[0]}", insecure=True).read_text())
     assert conf["superlink"]["default"] == "fastseq"
     assert conf["superlink"]["fastseq"] == {"address": f"127.0.0.1:{ports[0]}", "insecure": True}
+
+
+def test_flower_env(monkeypatch):
+    from fastseq.flower.deploy import flower_env
+
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "0")
+    env = flower_env("/tmp/h")
+    assert "MASTER_PORT" not in env and "RANK" not in env  # a DeepSpeed ClientApp picks its own
+    assert env["FLWR_HOME"] == "/tmp/h" and env["FLWR_TELEMETRY_ENABLED"] in ("0", os.environ.get("FLWR_TELEMETRY_ENABLED"))

@@ -36,6 +36,10 @@ class FlowerError(RuntimeError):
 
 def flower_env(flwr_home: str | os.PathLike | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # torch.distributed rendezvous variables belong to one process (e.g. this one after a
+    # DeepSpeed client ran here); a ClientApp must not inherit a MASTER_PORT already in use.
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
