@@ -185,7 +185,7 @@ def experiment_key(run_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def client_state_root(context: Context, flower: dict[str, Any], cfg) -> Path:
+def client_state_root(context: Context, flower: dict[str, Any]) -> Path:
     node_dir = context.node_config.get("state-dir")
     if node_dir:
         return Path(str(node_dir)).expanduser()
@@ -214,7 +214,7 @@ def build_local_client(context: Context, client_id: str):
         _RUNTIME_CACHE.clear()
         _RUNTIME_CACHE[key] = build_runtime(cfg, echo=log.info)
     rt = _RUNTIME_CACHE[key]
-    state_dir = client_state_root(context, flower, cfg) / f"client_{client_id}"
+    state_dir = client_state_root(context, flower) / f"client_{client_id}"
     if flower.get("deepspeed"):
         from ..fed.deepspeed_client import DeepSpeedConfig, make_client_factory
 
