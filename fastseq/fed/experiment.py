@@ -36,7 +36,7 @@ class ExperimentConfig:
     task_options: dict = field(default_factory=dict)
     max_examples: int | None = None
     eval_examples: int | None = None
-    max_length: int | None = 128
+    max_length: int | None = 64
     method: str = "scl"
     r: int = 8
     scl_scale: float = 1.0
@@ -52,10 +52,10 @@ class ExperimentConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     min_client_size: int = 8
-    local_steps: int = 20
+    local_steps: int = 10
     local_epochs: float | None = None
-    lr: float = 3e-3
-    batch_size: int = 16
+    lr: float = 5e-3
+    batch_size: int = 8
     grad_accum: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0

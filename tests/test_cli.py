@@ -1,0 +1,75 @@
+"""`fastseq run` with a TOML config + overriding flag, `fastseq compare`, errors, engine dispatch."""
+
+import json
+
+import pytest
+
+import fastseq.flower
+from fastseq.cli import build_parser, main
+
+TOML = """
+model = "tiny-llama"
+task = "synthetic"
+max_examples = 80
+method = "scl"
+r = 4
+rounds = 3
+clients = 3
+clients_per_round = 2
+partition = "iid"
+min_client_size = 4
+local_steps = 4
+lr = 1e-2
+batch_size = 8
+progress = false
+"""
+
+
+def test_run_with_toml_and_override_then_compare(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--out", str(a)]) == 0
+    resolved = json.loads((a / "config.json").read_text())
+    assert resolved["rounds"] == 1 and resolved["model"] == "tiny-llama" and resolved["lr"] == 1e-2
+    lines = (a / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1]
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--method", "ffa-lora", "--codec", "int8",
+                 "--error-feedback", "--out", str(b)]) == 0
+    capsys.readouterr()
+    plot = tmp_path / "cmp.png"
+    assert main(["compare", str(a), str(b), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "scl" in out and "ffa-lora" in out and "accuracy" in out
+    assert plot.is_file() and plot.stat().st_size > 0
+
+
+def test_cli_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('methd = "scl"\n')
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "valid keys" in capsys.readouterr().err
+    assert main(["run", "--method", "lora", "--out", str(tmp_path / "x")]) == 2
+    assert "fedsa-lora" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(["run", "--task", "bbc-news", "--data-path", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path)]) == 2
+
+
+def test_flower_engine_is_dispatched(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fastseq.flower, "run_flower", lambda cfg: seen.setdefault("cfg", cfg), raising=False)
+    assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
+                 "--out", str(tmp_path / "f")]) == 0
+    assert seen["cfg"].engine == "flower" and seen["cfg"].model == "tiny-llama"
+    args = build_parser().parse_args(["run", "--engine", "flower"])
+    assert args.engine == "flower"
+
+
+def test_flower_engine_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(fastseq.flower, "run_flower", raising=False)
+    assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "flower" in capsys.readouterr().err
