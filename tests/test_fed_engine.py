@@ -11,7 +11,7 @@ from fastseq.comm import encode
 from fastseq.config import ConfigError
 from fastseq.fed.client import Client
 from fastseq.fed.engine import Hooks, run_experiment
-from fastseq.fed.experiment import ExperimentConfig, build_client
+from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime
 
 KEYS = {"round", "method", "train_loss", "eval_loss", "accuracy", "uplink_bytes", "downlink_bytes", "clients",
         "dropped", "seconds"}
@@ -45,6 +45,13 @@ def test_method_runs_and_learns(tmp_path, method):
         assert (tmp_path / "run" / f).exists()
     if method == "fedsa-lora":
         assert hist[-1]["personalized"] and len(hist[-1]["per_client_accuracy"]) == 3
+    if method == "ffa-lora":  # A never changes: the trained adapter's A is the seeded init
+        rt = build_runtime(cfg, echo=lambda s: None)
+        saved = load_file(f"{cfg.out}/adapter/adapter_model.safetensors")
+        init = {n.replace(".default", ""): p for n, p in rt.model.named_parameters() if "lora_A" in n}
+        assert init and all(torch.equal(saved[n], p.detach()) for n, p in init.items())
+        b_saved = [v for k, v in saved.items() if "lora_B" in k]
+        assert any(v.abs().sum() > 0 for v in b_saved)
 
 
 class Crash(Hooks):
