@@ -183,8 +183,8 @@ def study(a) -> dict:
         p["data_path"] = a.data_path
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suffix = "_smoke" if a.smoke else "_quick" if a.quick else ""
-    name = p["task"] + suffix
-    runs_dir = Path(a.runs_dir or ROOT / "runs" / "accuracy" / name)
+    name = p["task"] + (f"_{a.tag}" if a.tag else suffix)
+    runs_dir = Path(a.runs_dir or ROOT / "runs" / "accuracy" / (p["task"] + suffix))
     out_dir = Path(a.out_dir or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
@@ -247,7 +247,7 @@ def study(a) -> dict:
                 torch=torch.__version__, git_commit=git_commit(), wall_s=time.time() - t_start,
                 cpu_s=time.process_time() - c_start, loadavg_1min_end=os.getloadavg()[0],
                 selection_seed=a.selection_seed, select_per_alpha=a.select_per_alpha, metric=metric,
-                protocol=p, mode=suffix.strip("_") or "full")
+                protocol=p, mode=suffix.strip("_") or "full", tag=a.tag)
     stem = out_dir / f"accuracy_{name}"
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -341,6 +341,7 @@ def main(argv=None):
     ap.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--runs-dir", help="where run directories go (default runs/accuracy/<task>)")
     ap.add_argument("--out-dir", help="where results go (default benchmarks/results)")
+    ap.add_argument("--tag", help="name the outputs accuracy_<task>_<tag> (default: the mode: quick, smoke or none)")
     ap.add_argument("--verbose", action="store_true", help="print every round of every run")
     a = ap.parse_args(argv)
     study(a)
