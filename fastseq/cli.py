@@ -37,7 +37,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "seed of every RNG"),
     ("--engine", "engine", str, "local | flower"),
     ("--out", "out", str, "output directory (default runs/<timestamp>-<method>)"),
-    ("--quantization", "quantization", str, "backbone quantization: none | int8 | nf4 | fp4"),
+    ("--quantization", "quantization", str, "backbone quantization: none | int8 | nf4"),
     ("--max-length", "max_length", int, "max tokens per text example"),
     ("--max-examples", "max_examples", int, "cap the dataset size"),
     ("--eval-examples", "eval_examples", int, "cap the test set size"),

@@ -107,7 +107,11 @@ class ExperimentConfig:
         choice("engine", ENGINES)
         choice("codec", list(CODECS))
         choice("downlink_codec", list(CODECS))
-        choice("quantization", ("none", "int8", "nf4", "fp4"))
+        try:
+            from ..quant import QUANTIZATIONS
+        except ImportError:
+            QUANTIZATIONS = ("none",)
+        choice("quantization", QUANTIZATIONS)
         for key in ("rounds", "clients", "clients_per_round", "r", "batch_size", "grad_accum", "min_clients",
                     "eval_batch_size"):
             v = getattr(self, key)
