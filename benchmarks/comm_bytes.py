@@ -23,7 +23,8 @@ With ``--accuracy benchmarks/results/accuracy_<task>.json`` (written by
 (counted by the runtime) until its mean accuracy first reached a target.
 
     python benchmarks/comm_bytes.py                   # both shapes, all codecs
-    python benchmarks/comm_bytes.py --smoke           # MiniLM shape only, 3 codecs (tests)
+    python benchmarks/comm_bytes.py --smoke           # MiniLM shape only, 2 codecs (tests)
+    python benchmarks/comm_bytes.py --target-only --accuracy benchmarks/results/accuracy_bbc-news_quick.json
 
 Writes ``benchmarks/results/comm_bytes.{csv,json,png}`` (and ``comm_to_target_<task>.*``).
 """
@@ -270,7 +271,13 @@ def main(argv=None):
     ap.add_argument("--accuracy", help="accuracy_<task>.json from scripts/accuracy_study.py")
     ap.add_argument("--target", type=float, help="target accuracy (default: 0.9 x best final mean accuracy)")
     ap.add_argument("--out-dir")
+    ap.add_argument("--target-only", action="store_true", help="with --accuracy: skip the per-codec byte table")
     a = ap.parse_args(argv)
+    if a.target_only:
+        if not a.accuracy:
+            ap.error("--target-only needs --accuracy")
+        bytes_to_target(a.accuracy, a.target, Path(a.out_dir or HERE / "results"))
+        return
     run(shapes=a.shapes, codecs=a.codecs, budgets=a.budgets, out_dir=a.out_dir, accuracy=a.accuracy,
         target=a.target, smoke=a.smoke)
 
