@@ -49,6 +49,16 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+def _json_table(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as {\"zero_stage\": 2}")
+    return value
+
+
 def add_run_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a federated experiment",
                        description="Run a federated experiment. With no arguments: MiniLM + SCL on bbc-news.")
@@ -56,6 +66,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round")
     for flag, key, typ, hlp in RUN_FLAGS:
         p.add_argument(flag, dest=key, type=typ, default=None, help=hlp)
+    p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
+                   help='train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' (see docs/deployment.md)')
     p.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="per-client error feedback on the uplink")
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
@@ -64,7 +76,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress"]
+    keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 import fastseq.flower
 from fastseq.cli import build_parser, main
@@ -60,10 +59,12 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_flower_engine_is_dispatched(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(fastseq.flower, "run_flower", lambda cfg: seen.setdefault("cfg", cfg), raising=False)
+    monkeypatch.setattr(fastseq.flower, "run_flower", 
+                        lambda cfg, resume=False: seen.update(cfg=cfg, resume=resume), raising=False)
     assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
-                 "--out", str(tmp_path / "f")]) == 0
+                 "--deepspeed", '{"zero_stage": 1}', "--out", str(tmp_path / "f")]) == 0
     assert seen["cfg"].engine == "flower" and seen["cfg"].model == "tiny-llama"
+    assert seen["cfg"].deepspeed == {"zero_stage": 1} and seen["resume"] is False
     args = build_parser().parse_args(["run", "--engine", "flower"])
     assert args.engine == "flower"
 

@@ -1,5 +1,7 @@
 """DeepSpeed client (ZeRO 2, one process, gloo on CPU) against the plain PyTorch client."""
 
+import dataclasses
+
 import os
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from fastseq.comm import decode  # noqa: E402
-from fastseq.fed.deepspeed_client import DeepSpeedClient, DeepSpeedConfig, make_client_factory  # noqa: E402
+from fastseq.fed.deepspeed_client import DeepSpeedClient, DeepSpeedConfig  # noqa: E402
 from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime, build_server  # noqa: E402
 
 
@@ -67,7 +69,8 @@ def test_zero2_losses_match_plain_client(tmp_path):
     plain_losses = list(seen)
     seen.clear()
 
-    ds_client = make_client_factory(DeepSpeedConfig(zero_stage=2))(cfg, rt, cid, tmp_path / "ds")
+    # The config's deepspeed table makes build_client build DeepSpeed clients.
+    ds_client = build_client(dataclasses.replace(cfg, deepspeed={"zero_stage": 2}), rt, cid, tmp_path / "ds")
     assert isinstance(ds_client, DeepSpeedClient)
     up_ds, m_ds = ds_client.fit(down, 1)
     ds_losses = list(seen)

@@ -44,6 +44,7 @@ Decoding never needs bitsandbytes.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -177,7 +178,7 @@ def _dq_rel_bound(s: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-class Codec:
+class Codec(abc.ABC):
     """One encoding of a flat fp32 vector into named stored tensors ("parts").
 
     ``encode_values(v) -> dict[role, Tensor]`` and ``decode_values(parts, m) -> Tensor``
@@ -295,21 +296,25 @@ class Codec:
         return b.view(x.shape)
 
     # -- per-codec -------------------------------------------------------------------
+    @abc.abstractmethod
     def encode_values(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode_values(self, parts: dict[str, torch.Tensor], m: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def value_bound(self, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def roles(self, topk: bool) -> set[str]:
         r = set(self._roles())
         return r | {"idx"} if topk else r
 
+    @abc.abstractmethod
     def _roles(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        ...
 
     def _check(self, parts: dict[str, torch.Tensor], spec: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         if set(parts) != set(spec):
@@ -414,8 +419,9 @@ class _BlockQuantizer(Codec):
     def _roles(self):
         return ("q", "scale_q", "scale_meta") if self.double_quant else ("q", "scale")
 
+    @abc.abstractmethod
     def _half_gap(self) -> float:
-        raise NotImplementedError
+        ...
 
     def value_bound(self, v):
         s = _absmax(v, self.block_size)

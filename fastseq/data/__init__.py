@@ -13,7 +13,7 @@ See docs/tasks.md for the tasks, their data sources, partition keys and metrics.
 """
 
 from . import metrics
-from .base import DataError, Task, TaskData, get_task, list_tasks, register_task
+from .base import DataError, Task, TaskData, get_task, list_tasks, register_task, task_options
 from .instruction import AUTHORS_PROMPT, InstructionTask, ensure_pad_token
 from .text_classification import SyntheticTask, TextClassificationTask
 from .vision import ImageClassificationTask, ImageFolderTask, SyntheticImageTask
@@ -21,5 +21,5 @@ from .vision import ImageClassificationTask, ImageFolderTask, SyntheticImageTask
 __all__ = [
     "AUTHORS_PROMPT", "DataError", "ImageClassificationTask", "ImageFolderTask", "InstructionTask",
     "SyntheticImageTask", "SyntheticTask", "Task", "TaskData", "TextClassificationTask", "ensure_pad_token",
-    "get_task", "list_tasks", "metrics", "register_task",
+    "get_task", "list_tasks", "metrics", "register_task", "task_options",
 ]

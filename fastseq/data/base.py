@@ -9,10 +9,12 @@ returned.
 
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import logging
 import math
+import inspect
 import os
 import random
 import re
@@ -64,7 +66,7 @@ class TaskData:
         return None if self.label_names is None else len(self.label_names)
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of every task. Subclasses set ``name``, ``kind`` and implement
     ``load``, ``collate``, ``loss`` and ``evaluate``."""
 
@@ -118,18 +120,22 @@ class Task:
         image tasks resize ``pixel_values`` to the model's input size)."""
         return batch
 
+    @abc.abstractmethod
     def load(self, data_path: str | None = None, seed: int = 0, max_examples: int | None = None) -> TaskData:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def collate(self, examples: Sequence[dict], processor: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
                  batch_size: int = 16) -> dict[str, float]:
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
@@ -163,6 +169,14 @@ def get_task(name: str, **options: Any) -> Task:
     task = _REGISTRY[name](**options)
     task.name = name
     return task
+
+
+def task_options(name: str) -> set[str]:
+    """The option names the task registered as ``name`` accepts."""
+    if name not in _REGISTRY:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}.")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 # ---------------------------------------------------------------------------------------

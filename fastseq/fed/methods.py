@@ -8,6 +8,7 @@ FedEx-LoRA's folded residual). Register a new method with ``@register_method("na
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -56,7 +57,7 @@ def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[f
     return out
 
 
-class Method:
+class Method(abc.ABC):
     """Base class. Subclasses implement ``_inject`` and the name lists."""
 
     name = ""
@@ -88,8 +89,9 @@ class Method:
                          local_params=sum(self._params[n].numel() for n in self.local_names()))
         return model
 
+    @abc.abstractmethod
     def _inject(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
-        raise NotImplementedError
+        ...
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self._params.items() if p.requires_grad]
@@ -141,8 +143,9 @@ class Method:
         return weighted_mean(client_states, weights, self.shared_names())
 
     # -- output --------------------------------------------------------------------------
+    @abc.abstractmethod
     def save_adapter(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+        ...
 
 
 @register_method("scl")

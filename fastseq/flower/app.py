@@ -215,13 +215,7 @@ def build_local_client(context: Context, client_id: str):
         _RUNTIME_CACHE[key] = build_runtime(cfg, echo=log.info)
     rt = _RUNTIME_CACHE[key]
     state_dir = client_state_root(context, flower) / f"client_{client_id}"
-    if flower.get("deepspeed"):
-        from ..fed.deepspeed_client import DeepSpeedConfig, make_client_factory
-
-        factory = make_client_factory(DeepSpeedConfig.from_json(flower["deepspeed"]))
-    else:
-        factory = build_client
-    return factory(cfg, rt, client_id, state_dir)
+    return build_client(cfg, rt, client_id, state_dir)
 
 
 def _handle(msg: Message, context: Context, kind: str) -> Message:

@@ -2,8 +2,8 @@
 
 Every ExperimentConfig field is one key of ``[tool.flwr.app.config]`` with ``_`` written as
 ``-`` (``clients_per_round`` -> ``clients-per-round``). Flower run-config values are TOML
-scalars, so ``None`` is written as the empty string ``""`` and ``task_options`` as a JSON
-string. A few keys configure the Flower layer itself (``FLOWER_KEYS``).
+scalars, so ``None`` is written as the empty string ``""`` and the tables (``task_options``,
+``deepspeed``) as JSON strings. A few keys configure the Flower layer itself (``FLOWER_KEYS``).
 
 This module imports neither torch nor flwr: the ClientApp answers node-discovery queries
 without loading a model.
@@ -26,9 +26,10 @@ FLOWER_KEYS: dict[str, Any] = {
     "reply-timeout-s": 3600,
     # Resume from the newest complete checkpoint in ``out``.
     "resume": False,
-    # JSON of fastseq.fed.deepspeed_client.DeepSpeedConfig ("" = plain PyTorch clients).
-    "deepspeed": "",
 }
+
+# ExperimentConfig fields that are tables: sent as JSON strings; the value for "".
+JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None}
 
 APP_NAME = "fastseq-flower"
 SERVERAPP = "fastseq.flower.app:server_app"
@@ -55,8 +56,8 @@ def to_run_config(cfg, **flower: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields:
         v = getattr(cfg, f.name)
-        if f.name == "task_options":
-            v = json.dumps(v or {}, sort_keys=True)
+        if f.name in JSON_FIELDS:
+            v = "" if v is None else json.dumps(v, sort_keys=True)
         elif v is None:
             v = ""
         elif isinstance(v, (list, tuple)):
@@ -80,8 +81,8 @@ def from_run_config(run_config: dict[str, Any]):
         if k not in run_config:
             continue
         v = run_config[k]
-        if f.name == "task_options":
-            v = json.loads(v) if isinstance(v, str) and v.strip() else (v or {})
+        if f.name in JSON_FIELDS:
+            v = json.loads(v) if isinstance(v, str) and v.strip() else (v or JSON_FIELDS[f.name])
         elif isinstance(v, str) and v == "" and _optional(f):
             v = None
         elif "float" in str(f.type) and isinstance(v, int) and not isinstance(v, bool):

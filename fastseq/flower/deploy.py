@@ -331,7 +331,8 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
         ServerApp then writes the outputs to ``cfg.out`` on the SuperLink's machine
         (give an absolute path). The env var ``FASTSEQ_FLOWER_SUPERLINK`` is the default.
     insecure / root_certificates: connection to an existing SuperLink (TLS by default).
-    deepspeed: a ``DeepSpeedConfig`` (or dict) to train every client under DeepSpeed.
+    deepspeed: a ``DeepSpeedConfig`` (or dict) to train every client under DeepSpeed (the same as
+        setting ``cfg.deepspeed``).
     timeout: seconds for the whole run (``None``: no limit).
     """
     from ..fed.experiment import default_out
@@ -344,15 +345,14 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
     if superlink is None or not os.path.isabs(cfg.out):
         cfg.out = os.path.abspath(cfg.out)
     out = Path(cfg.out)
-    ds = ""
     if deepspeed is not None:
         from ..fed.deepspeed_client import DeepSpeedConfig
 
-        ds_cfg = deepspeed if isinstance(deepspeed, DeepSpeedConfig) else DeepSpeedConfig.from_dict(dict(deepspeed))
-        ds = ds_cfg.to_json()
+        cfg.deepspeed = dataclasses.asdict(deepspeed) if isinstance(deepspeed, DeepSpeedConfig) else dict(deepspeed)
+        cfg.validate()
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    flower_keys: dict[str, Any] = {"resume": bool(resume), "deepspeed": ds}
+    flower_keys: dict[str, Any] = {"resume": bool(resume)}
     if superlink is None:
         flower_keys["client-state-dir"] = str(out / "clients")
         flower_keys["node-wait-s"] = 120
