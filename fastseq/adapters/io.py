@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from .._atomic import atomic_write_bytes
 from ..config import SCLConfig
 from .registry import find_ffn_sites
 from .scl import AdapterError, get_scl_model, scl_parameter_names
@@ -19,19 +19,6 @@ from .scl import AdapterError, get_scl_model, scl_parameter_names
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +50,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp_weights = out / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     os.replace(tmp_weights, out / WEIGHTS_NAME)
-    _atomic_write_bytes(out / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(out / CONFIG_NAME, json.dumps(meta, indent=2).encode())
     return out
 
 
