@@ -173,7 +173,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
 
 def _line(rec: dict) -> str:
     parts = [f"round {rec['round']}"]
-    for k in ("train_loss", "eval_loss", "accuracy", "rouge_l", "perplexity"):
+    for k in ("train_loss", "eval_loss", "accuracy", "rougeL_tf", "perplexity"):
         v = rec.get(k)
         if isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4f}")
