@@ -37,7 +37,7 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
     python scripts/accuracy_study.py --quick
     python scripts/accuracy_study.py                 # about an hour on a 2-core CPU
     python scripts/accuracy_study.py --task medquad --model TinyLlama/TinyLlama_v1.1 \\
-        --data-path /data/medquad.csv --device cuda  # on a GPU (metric: rouge_l / eval_loss)
+        --data-path /data/medquad.csv --device cuda  # on a GPU (metric: rougeL_tf / eval_loss)
 
 Writes ``benchmarks/results/accuracy_<task>[_quick].{csv,json,md}``, ``..._rounds.png``
 (metric vs round) and ``..._bytes.png`` (metric vs cumulative bytes). Run directories go to
@@ -62,7 +62,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("scl", "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora")
-HIGHER_IS_BETTER = ("accuracy", "rouge_l", "bleu", "f1")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "rougeL_tf", "rougeL_gen", "bleu_tf", "bleu_gen")
 
 
 def git_commit() -> str:
@@ -338,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--max-examples", type=int)
     ap.add_argument("--eval-examples", type=int)
     ap.add_argument("--max-length", type=int)
-    ap.add_argument("--metric", help="history key to select and report on (default: accuracy, rouge_l or eval_loss)")
+    ap.add_argument("--metric", help="history key to select and report on (default: accuracy, rougeL_tf or eval_loss)")
     ap.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--runs-dir", help="where run directories go (default runs/accuracy/<task>)")
     ap.add_argument("--out-dir", help="where results go (default benchmarks/results)")
