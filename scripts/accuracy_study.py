@@ -144,7 +144,9 @@ def run_one(p: dict, method: str, alpha, seed: int, lr: float, runs_dir: Path, d
         old = json.loads((out / "config.json").read_text())
         if all(old.get(k) == v for k, v in want.items()):
             print(f"  reuse {tag}", flush=True)
-            return _load_run(out, tag)
+            r = _load_run(out, tag)
+            r["reused"] = True
+            return r
     t0 = time.time()
     run_experiment(cfg, echo=(lambda *_: None) if quiet else print)
     gc.collect()
@@ -153,12 +155,17 @@ def run_one(p: dict, method: str, alpha, seed: int, lr: float, runs_dir: Path, d
     return r
 
 
+RUNS: dict[str, dict] = {}  # tag -> {"seconds", "reused"} of every run the study used
+
+
 def _load_run(out: Path, tag: str) -> dict:
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((out / "summary.json").read_text())
     cfgd = json.loads((out / "config.json").read_text())
-    return dict(tag=tag, history=hist, summary=summary, metric=summary.get("metric"),
-                method_info=cfgd.get("method_info", {}))
+    r = dict(tag=tag, history=hist, summary=summary, metric=summary.get("metric"),
+             method_info=cfgd.get("method_info", {}), reused=False)
+    RUNS[tag] = dict(seconds=summary.get("seconds"), out=str(out))
+    return r
 
 
 def curve(run: dict, metric: str):
@@ -248,7 +255,10 @@ def study(a) -> dict:
                 torch=torch.__version__, git_commit=git_commit(), wall_s=time.time() - t_start,
                 cpu_s=time.process_time() - c_start, loadavg_1min_end=os.getloadavg()[0],
                 selection_seed=a.selection_seed, select_per_alpha=a.select_per_alpha, metric=metric,
-                protocol=p, mode=suffix.strip("_") or "full", tag=a.tag)
+                protocol=p, mode=suffix.strip("_") or "full", tag=a.tag, runs=len(RUNS),
+                runs_seconds_total=sum(v["seconds"] or 0 for v in RUNS.values()),
+                note="wall_s/cpu_s cover this invocation only; runs reused from an earlier invocation count in "
+                     "runs_seconds_total (each run's own wall seconds, from its summary.json)")
     stem = out_dir / f"accuracy_{name}"
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -282,6 +292,8 @@ def markdown(rows, meta, selection) -> str:
         name = meth + (" (personalised eval)" if r0["personalized_eval"] else "")
         lines.append(f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {r0['trainable_params']:,} | "
                      f"{r0['shared_params']:,} | " + " | ".join(cells) + f" | {mb:.2f} |")
+    if not selection:
+        return "\n".join(lines + ["", "No lr selection: the grid had a single lr, used by every method."]) + "\n"
     lines += ["", "lr selection (selection seed, final-round " + m + "):", "",
               "| method | alpha | lr | final |", "|---|---|---|---|"]
     for s in selection:
