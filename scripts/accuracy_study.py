@@ -187,6 +187,7 @@ def _mean_std(xs):
 
 def study(a) -> dict:
     p = presets(a)
+    RUNS.clear()
     if a.data_path:
         p["data_path"] = a.data_path
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
