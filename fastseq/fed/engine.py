@@ -137,14 +137,12 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
         t0 = time.time()
         plan = server.configure_round(r)
         results, failures, client_metrics = [], [], {}
-        for cid, down in tqdm(plan, desc=f"round {r} clients", leave=False, disable=not cfg.progress):
-            try:
-                up, m = clients[cid].fit(down, r)
-                results.append((cid, up))
-                client_metrics[cid] = m
-            except Exception as e:  # a failing client is dropped; the round goes on
-                log.debug("client %s failed", cid, exc_info=True)
-                failures.append((cid, f"{type(e).__name__}: {e}"))
+        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, cfg.progress)):
+            if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
+                failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
+            else:
+                results.append((cid, outcome[0]))
+                client_metrics[cid] = outcome[1]
         rec = server.aggregate(r, results, failures)
         down_before = server.bytes.summary(r)["downlink_bytes"]
         if personalized:
@@ -169,6 +167,25 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
 
     summary = finish(cfg, rt, server, out, time.time() - t_start, echo)
     return summary
+
+
+def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progress: bool) -> list:
+    """One round's fits, in plan order: ``(uplink_blob, metrics)`` or the client's exception.
+
+    Clients whose class offers ``fit_many`` (Flower's remote clients) get all their fits sent
+    at once, so they train concurrently; in-process clients share one model and go in turn.
+    """
+    fit_many = getattr(type(clients[plan[0][0]]), "fit_many", None) if plan else None
+    if fit_many is not None:
+        return fit_many([(clients[cid], down) for cid, down in plan], round)
+    outcomes: list = []
+    for cid, down in tqdm(plan, desc=f"round {round} clients", leave=False, disable=not progress):
+        try:
+            outcomes.append(clients[cid].fit(down, round))
+        except Exception as e:
+            log.debug("client %s failed", cid, exc_info=True)
+            outcomes.append(e)
+    return outcomes
 
 
 def _line(rec: dict) -> str:

@@ -114,24 +114,51 @@ class RemoteClient:
         # Applied by the node before its next fit/evaluate (its state lives on that machine).
         self._discard = int(round)
 
-    def _call(self, kind: str, blob: bytes, round: int) -> ConfigRecord:
+    def _message(self, kind: str, blob: bytes, round: int) -> Message:
         content = RecordDict({RECORD: ConfigRecord({"client-id": self.client_id, "round": int(round),
                                                     "blob": bytes(blob), "discard-after": self._discard})})
-        msg = Message(content=content, dst_node_id=self.node_id, message_type=kind)
-        replies = list(self.grid.send_and_receive([msg], timeout=self.timeout))
-        if not replies:
+        return Message(content=content, dst_node_id=self.node_id, message_type=kind)
+
+    def _reply(self, kind: str, reply: Message | None, round: int) -> ConfigRecord:
+        if reply is None:
             raise RemoteClientError(f"client {self.client_id} (node {self.node_id}) did not reply to "
                                     f"{kind} of round {round} within {self.timeout:.0f} s")
-        rec = _record(replies[0])
+        rec = _record(reply)
         self._discard = NO_DISCARD
         return rec
 
-    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
-        rec = self._call("train", downlink_blob, round)
+    def _call(self, kind: str, blob: bytes, round: int) -> ConfigRecord:
+        replies = list(self.grid.send_and_receive([self._message(kind, blob, round)], timeout=self.timeout))
+        return self._reply(kind, replies[0] if replies else None, round)
+
+    @staticmethod
+    def _fit_result(client: "RemoteClient", rec: ConfigRecord) -> tuple[bytes, dict[str, Any]]:
         blob = rec["blob"]
         if not isinstance(blob, bytes):
-            raise RemoteClientError(f"client {self.client_id}: the reply's blob is {type(blob).__name__}, not bytes")
+            raise RemoteClientError(f"client {client.client_id}: the reply's blob is {type(blob).__name__}, not bytes")
         return blob, json.loads(rec["metrics"])
+
+    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+        return self._fit_result(self, self._call("train", downlink_blob, round))
+
+    @classmethod
+    def fit_many(cls, pairs: list[tuple["RemoteClient", bytes]], round: int) -> list:
+        """Send one round's fits to all their SuperNodes at once, so the nodes train concurrently.
+
+        Returns, in the order of ``pairs``, ``(uplink_blob, metrics)`` or the exception of a
+        client that failed (the engine drops those)."""
+        if not pairs:
+            return []
+        grid, timeout = pairs[0][0].grid, max(c.timeout for c, _ in pairs)
+        messages = [client._message("train", blob, round) for client, blob in pairs]
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+        outcomes: list = []
+        for client, _ in pairs:
+            try:
+                outcomes.append(cls._fit_result(client, client._reply("train", replies.get(client.node_id), round)))
+            except Exception as e:  # noqa: BLE001  (reported to the engine, which drops the client)
+                outcomes.append(e)
+        return outcomes
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
         return json.loads(self._call("evaluate", downlink_blob, round)["metrics"])
