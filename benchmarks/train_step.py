@@ -27,8 +27,8 @@ before it (after ``malloc_trim``; noisy, allocator-dependent). CUDA: ``cuda_peak
 
 Timing: repetitions interleaved round-robin across providers (a shared machine's load hits
 all alike); ``ms_min`` / ``ms_median`` wall time per step, ``tokens_per_s`` from the min;
-``cpu_ms_min`` = the process's CPU time (all threads) of the fastest step, less sensitive
-than wall time to other processes on a shared machine (not a GPU figure: on CUDA it is host
+``cpu_ms_min`` = the process's CPU time (all threads) of the fastest step (it also grows
+when the machine is loaded: compare runs made at a low ``loadavg_1min``; on CUDA it is host
 time only). ``loadavg_1min`` records the machine's load during the block. Ratios
 (``*_vs_lora``) against ``lora_matched`` of the same backbone in the same process.
 
