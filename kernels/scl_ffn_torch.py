@@ -135,6 +135,31 @@ def _tensor_or_none(w):
     return w if isinstance(w, torch.Tensor) else None
 
 
+def save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
+                       ffn_activation, scl_activation, scale, level, dtype) -> None:
+    """What both recompute Functions (torch and Triton) keep for backward: tensors through
+    ``save_for_backward`` (so saved-tensor hooks see them), callables and settings on ctx."""
+    if level == 2:
+        pre1 = pre2 = None
+    ctx.save_for_backward(x if keep_x(level, up_w, up_b, gate_w, gate_b) else None, pre1, pre2, p,
+                          _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w), gate_b,
+                          _tensor_or_none(down_w), down_b, C, bc, E, be)
+    ctx.weights = (up_w, gate_w, down_w)  # originals: tensors (also saved above) or callables
+    ctx.dtype = dtype
+    ctx.cfg = (ffn_activation, scl_activation, scale, level)
+
+
+def saved_for_recompute(ctx):
+    """``(x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be)`` with
+    each frozen weight back as the saved tensor or the original callable."""
+    (x, pre1, pre2, p, up_wt, up_b, gate_wt, gate_b, down_wt, down_b, C, bc, E, be) = ctx.saved_tensors
+    up_w, gate_w, down_w = ctx.weights
+    up_w = up_wt if up_wt is not None else up_w
+    gate_w = gate_wt if gate_wt is not None else gate_w
+    down_w = down_wt if down_wt is not None else down_w
+    return x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be
+
+
 class SCLFFNRecompute(torch.autograd.Function):
     """Inputs are 2-D: ``x`` ``[T, d]``. See module docstring."""
 
@@ -151,24 +176,14 @@ class SCLFFNRecompute(torch.autograd.Function):
         wd = resolve(down_w).to(dt)
         y = down_with_lowrank(h, sp, wd, E, be, down_b, scale)
         del h, sp, wd
-        if level == 2:
-            pre1 = pre2 = None
-        ctx.save_for_backward(x if keep_x(level, up_w, up_b, gate_w, gate_b) else None, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
-                              gate_b, _tensor_or_none(down_w), down_b, C, bc, E, be)
-        ctx.weights = (up_w, gate_w, down_w)  # originals: tensors (also saved above) or callables
-        ctx.gated = gate_w is not None
-        ctx.dtype = dt
-        ctx.cfg = (ffn_activation, scl_activation, scale, level)
+        save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
+                           ffn_activation, scl_activation, scale, level, dt)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, pre1, pre2, p, up_wt, up_b, gate_wt, gate_b, down_wt, down_b, C, bc, E, be) = ctx.saved_tensors
+        x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be = saved_for_recompute(ctx)
         ffn_activation, scl_activation, scale, level = ctx.cfg
-        up_w, gate_w, down_w = ctx.weights
-        up_w = up_wt if up_wt is not None else up_w
-        gate_w = gate_wt if gate_wt is not None else gate_w
-        down_w = down_wt if down_wt is not None else down_w
         nig = ctx.needs_input_grad
         dy = dy.contiguous().to(ctx.dtype)
         if level == 2:

@@ -28,7 +28,7 @@ import torch
 
 from .activations import ACT_CODES, act, act_grad
 from .reference import resolve
-from .scl_ffn_torch import _tensor_or_none, input_and_frozen_grads, keep_x
+from .scl_ffn_torch import input_and_frozen_grads, save_for_recompute, saved_for_recompute
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -394,21 +394,14 @@ class SCLFFNTriton(torch.autograd.Function):
         wd = _weight(down_w, dt)
         y = down_lowrank(h, wd, sp, E, be, down_b, scale)
         del h, sp, wd
-        ctx.save_for_backward(x if keep_x(level, up_w, up_b, gate_w, gate_b) else None, pre1, pre2, p, _tensor_or_none(up_w), up_b, _tensor_or_none(gate_w),
-                              gate_b, _tensor_or_none(down_w), down_b, C, bc, E, be)
-        ctx.weights = (up_w, gate_w, down_w)
-        ctx.dtype = dt
-        ctx.cfg = (ffn_activation, scl_activation, scale, level)
+        save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
+                           ffn_activation, scl_activation, scale, level, dt)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, pre1, pre2, p, up_wt, up_b, gate_wt, gate_b, down_wt, down_b, C, bc, E, be) = ctx.saved_tensors
+        x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be = saved_for_recompute(ctx)
         ffn_activation, scl_activation, scale, level = ctx.cfg
-        up_w, gate_w, down_w = ctx.weights
-        up_w = up_wt if up_wt is not None else up_w
-        gate_w = gate_wt if gate_wt is not None else gate_w
-        down_w = down_wt if down_wt is not None else down_w
         nig = ctx.needs_input_grad
         dt = ctx.dtype
         gated = gate_w is not None
