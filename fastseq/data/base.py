@@ -186,6 +186,16 @@ TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def read_splits(source: str) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, test rows or None) from a hub id (its train/test splits) or a local table."""
+    if looks_like_hub_id(source):
+        splits = load_hub_dataset(source)
+        if "train" not in splits:
+            raise DataError(f"{source}: no 'train' split (splits: {sorted(splits)}).")
+        return splits["train"], splits.get("test")
+    return read_table(source), None
+
+
 def looks_like_hub_id(path: str) -> bool:
     """``owner/name`` that is not an existing path and has no file extension we read."""
     return (bool(_HUB_ID.match(path)) and not os.path.exists(path)

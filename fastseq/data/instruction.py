@@ -25,11 +25,9 @@ from .base import (
     batches,
     eval_mode,
     finish_splits,
-    load_hub_dataset,
-    looks_like_hub_id,
     model_device,
     pick_schema,
-    read_table,
+    read_splits,
     register_task,
     require_path,
     safe_exp,
@@ -97,14 +95,7 @@ class InstructionTask(Task):
         source = self.default_source if data_path is None else str(data_path)
         if source is None:
             raise DataError(f"task {self.name!r} needs data_path= a csv/json/jsonl/parquet file or hub id.")
-        test_rows = None
-        if looks_like_hub_id(source):
-            splits = load_hub_dataset(source)
-            if "train" not in splits:
-                raise DataError(f"{source}: no 'train' split (splits: {sorted(splits)}).")
-            train_rows, test_rows = splits["train"], splits.get("test")
-        else:
-            train_rows = read_table(source)
+        train_rows, test_rows = read_splits(source)
         train, dropped = self._convert(train_rows, source)
         test = None
         if test_rows is not None:

@@ -28,6 +28,7 @@ from .base import (
     load_hub_dataset,
     looks_like_hub_id,
     model_device,
+    read_splits,
     read_table,
     register_task,
     require_path,
@@ -138,14 +139,7 @@ class TextClassificationTask(Task):
         return self._load_table(str(data_path), seed, max_examples)
 
     def _load_table(self, data_path: str, seed: int, max_examples: int | None) -> TaskData:
-        test_rows = None
-        if looks_like_hub_id(data_path):
-            splits = load_hub_dataset(data_path)
-            if "train" not in splits:
-                raise DataError(f"{data_path}: no 'train' split (splits: {sorted(splits)}).")
-            train_rows, test_rows = splits["train"], splits.get("test")
-        else:
-            train_rows = read_table(data_path)
+        train_rows, test_rows = read_splits(data_path)
         train, names = self._rows_to_examples(train_rows, data_path)
         test = None
         if test_rows is not None:
