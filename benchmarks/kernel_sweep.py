@@ -29,35 +29,21 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # running from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
+# No sys.path edits: fastseq.kernels exists only in an installed fastseq (pip install -e .),
+# and the repo root on sys.path would let `kernels/` shadow the PyPI package of that name.
 from fastseq.kernels import scl_ffn, triton_available  # noqa: E402
-from fastseq.kernels.testing import count_saved_activations  # noqa: E402
+from fastseq.kernels.testing import SwiGLU, count_saved_activations  # noqa: E402
 
 SHAPES = {"tinyllama": (2048, 5632), "gemma-2b": (2048, 16384)}
 RANK = 16
 PROVIDERS = ("frozen_mlp", "peft_lora", "scl_eager", "scl_torch_l1", "scl_torch_l2",
              "scl_triton_l1", "scl_triton_l2")
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, f):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def git_commit() -> str:

@@ -64,14 +64,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-_ROOT_ON_PATH = str(ROOT) in sys.path
 import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
-
-# kernel_sweep puts the repo root on sys.path; its top-level `kernels/` folder then shadows the
-# `kernels` package that bitsandbytes/transformers probe for. fastseq is installed: take the
-# entry out again, unless the caller had it there already (python -m pytest from the root).
-if not _ROOT_ON_PATH and str(ROOT) in sys.path:
-    sys.path.remove(str(ROOT))
 
 import fastseq  # noqa: E402
 

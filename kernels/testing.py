@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests and benchmarks (torch only): random SCL FFN inputs
-and a saved-for-backward byte counter built on ``torch.autograd.graph.saved_tensors_hooks``."""
+"""Helpers shared by the kernel tests and benchmarks (torch only): random SCL FFN inputs,
+a plain SwiGLU MLP, and a saved-for-backward byte counter built on
+``torch.autograd.graph.saved_tensors_hooks``."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
+from torch import nn
 
 
 def make_scl_inputs(T: int, d: int, f: int, r: int, *, gated: bool = True, bias: bool = False,
@@ -86,3 +88,16 @@ def count_saved_activations(fn: Callable[[], torch.Tensor], exclude: Iterable[to
         out = fn()
     del out
     return stats
+
+
+class SwiGLU(nn.Module):
+    """A Llama-style frozen FFN (gate/up/down, SiLU), the baseline the kernels are measured against."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

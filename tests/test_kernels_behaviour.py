@@ -11,7 +11,7 @@ import torch.nn as nn  # noqa: E402
 
 import fastseq.kernels as K  # noqa: E402
 from fastseq.kernels import scl_ffn, scl_ffn_reference  # noqa: E402
-from fastseq.kernels.testing import as_args, count_saved_activations, make_scl_inputs  # noqa: E402
+from fastseq.kernels.testing import SwiGLU, as_args, count_saved_activations, make_scl_inputs  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and K.triton_available("cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
@@ -173,16 +173,6 @@ def test_everything_saved_goes_through_save_for_backward(backend, level):
 
 
 # ---------------------------------------------------------------- memory: saved bytes
-class _MLP(nn.Module):
-    def __init__(self, d, f):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 def saved_bytes_table(T=512, d=2048, f=5632, r=16, dtype=torch.float32):
     """Saved activation bytes per FFN: SCL levels 0/1/2 and PEFT LoRA r on up+down."""
@@ -198,7 +188,7 @@ def saved_bytes_table(T=512, d=2048, f=5632, r=16, dtype=torch.float32):
         import peft
     except ImportError:  # pragma: no cover
         return out
-    mlp = _MLP(d, f).to(dtype)
+    mlp = SwiGLU(d, f).to(dtype)
     for p in mlp.parameters():
         p.requires_grad_(False)
     model = peft.get_peft_model(mlp, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
