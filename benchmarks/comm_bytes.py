@@ -45,6 +45,7 @@ if str(HERE) not in sys.path:
 
 import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
 from fastseq import comm  # noqa: E402
+from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
 
 SHAPES = {"tinyllama": dict(layers=22, d=2048, f=5632), "minilm": dict(layers=6, d=384, f=1536)}
 SCL_RANK = 16
@@ -55,15 +56,10 @@ CODECS = {  # label -> (codec name, params)
 }
 
 
-def matched_lora_rank(d: int, f: int, r: int) -> int:
-    """LoRA rank on up+down whose 2*r_lora*(d+f) per layer is closest to SCL's 2*f*r."""
-    return max(1, round(f * r / (d + f)))
-
-
 def lora_modules(budget: str, d: int, f: int) -> tuple[int, list[tuple[str, int, int]]]:
     """(rank, [(module name, in_features, out_features)]) per layer for a LoRA budget."""
     if budget == "matched":
-        return matched_lora_rank(d, f, SCL_RANK), [("up_proj", d, f), ("down_proj", f, d)]
+        return matched_lora_rank(SCL_RANK, d, f), [("up_proj", d, f), ("down_proj", f, d)]
     if budget == "authors":
         return 16, [("up_proj", d, f)]
     raise ValueError(budget)

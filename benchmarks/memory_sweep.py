@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,28 +33,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
 
 import fastseq  # noqa: E402
 from fastseq import memory  # noqa: E402
 
 BACKBONES = ("fp32", "bf16", "nf4", "int8")
 RANK = 16
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 class RSSPeak:
@@ -251,7 +238,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    meta = dict(device=device_name(), torch=torch.__version__, commit=git_commit(),
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = dict(device=ks.device_name(device), torch=torch.__version__, commit=ks.git_commit(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if torch.cuda.is_available():
         rows = sweep("TinyLlama/TinyLlama_v1.1", None or memory.model_shape("TinyLlama/TinyLlama_v1.1").n_layers, 4,

@@ -67,6 +67,7 @@ if str(HERE) not in sys.path:
 import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
 
 import fastseq  # noqa: E402
+from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
 
 log = logging.getLogger("train_step")
 
@@ -77,11 +78,6 @@ LORA = ("lora_matched", "lora_r16", "lora_up_r16")
 SCL = ("scl_eager", "scl_recompute_l1", "scl_recompute_l2", "scl_fused_l1", "scl_fused_l2")
 PROVIDERS = LORA + SCL
 BASELINE = "lora_matched"
-
-
-def matched_lora_rank(d: int, f: int, r: int = SCL_RANK) -> int:
-    """LoRA rank on up+down whose 2*r_lora*(d+f) per layer is closest to SCL's 2*f*r."""
-    return max(1, round(f * r / (d + f)))
 
 
 def _rss() -> int:
@@ -136,7 +132,7 @@ def attach(provider: str, base, device: torch.device):
     if provider.startswith("lora"):
         import peft
 
-        r = {"lora_matched": matched_lora_rank(d, f), "lora_r16": SCL_RANK, "lora_up_r16": SCL_RANK}[provider]
+        r = {"lora_matched": matched_lora_rank(SCL_RANK, d, f), "lora_r16": SCL_RANK, "lora_up_r16": SCL_RANK}[provider]
         targets = ["up_proj"] if provider == "lora_up_r16" else ["up_proj", "down_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                            target_modules=targets))
@@ -293,9 +289,9 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
     meta = dict(device=device.type, device_name=ks.device_name(device), torch=torch.__version__,
                 git_commit=ks.git_commit(), model="tinyllama-shaped" if not smoke else "smoke", d=d, f=f,
                 layers=layers, vocab=vocab, batch=batch, seq=seq, tokens=batch * seq, reps=reps,
-                scl_rank=SCL_RANK, lora_matched_rank=matched_lora_rank(d, f))
-    print(f"budget per layer: SCL 2*f*r = {2 * f * SCL_RANK:,}; LoRA up+down r={matched_lora_rank(d, f)}: "
-          f"2*r*(d+f) = {2 * matched_lora_rank(d, f) * (d + f):,}; LoRA up+down r=16: {2 * 16 * (d + f):,}; "
+                scl_rank=SCL_RANK, lora_matched_rank=matched_lora_rank(SCL_RANK, d, f))
+    print(f"budget per layer: SCL 2*f*r = {2 * f * SCL_RANK:,}; LoRA up+down r={matched_lora_rank(SCL_RANK, d, f)}: "
+          f"2*r*(d+f) = {2 * matched_lora_rank(SCL_RANK, d, f) * (d + f):,}; LoRA up+down r=16: {2 * 16 * (d + f):,}; "
           f"LoRA up r=16: {16 * (d + f):,}", flush=True)
     rows, skipped = [], []
     for backbone in backbones:
