@@ -4,9 +4,10 @@ parameter budget, across Dirichlet label skews and IID, over several seeds.
 Protocol (the same for every method):
 
 1. Learning-rate selection (skipped when the grid has one lr). Each method runs every lr of the same grid on the *selection
-   seed* at the *selection alpha* (default: the first alpha in the list; ``--select-per-alpha``
-   selects at each alpha instead). The lr with the best final-round eval metric wins (ties:
-   the smaller lr). The selection seed is not one of the reported seeds.
+   seed* at the *selection alpha* (``--select-alpha``; the full mode uses 0.5, where runs are neither
+   degenerate, as at 0.1 early in training, nor IID; ``--select-per-alpha`` selects at each alpha instead).
+   The lr with the best final-round eval metric wins (ties: the smaller lr). The selection seed is not one
+   of the reported seeds.
 2. Reported runs. Each method, at its selected lr, runs every alpha x reported seed.
 3. Per method x alpha: mean +- std over seeds of the final-round metric, the best round's
    metric, and the bytes actually sent (uplink + downlink, counted by the runtime,
@@ -25,13 +26,11 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
   600 training / 100 eval examples, 5 clients (3 per round). Its one seed IS the selection
   seed (10 runs instead of 15): the quick table reports the selection runs themselves, so
   its lr choice is not validated on a held-out seed. Meant as a smoke-level study.
-* default (full): alphas 0.1, 0.5, 1.0, IID; lrs {1e-3, 3e-3, 1e-2} selected at alpha 0.1
-  on seed 0; reported seeds 1, 2; 4 rounds x 6 local steps (batch 8, 32 tokens); 5 clients,
-  3 per round; 1,200 training / 100 eval examples: 55 runs. Sized for about an hour on an
-  otherwise idle 2-core CPU by scaling the quick mode's measured CPU time (649 CPU-s for its
-  10 runs) by client steps and eval tokens: an estimate, not a measurement (several times
-  longer on a loaded machine; the JSON records wall and CPU seconds). At this budget the
-  models are still early in training: pass --rounds / --local-steps for a longer study.
+* default (full): alphas 0.1, 0.5, 1.0, IID; lrs {1e-3, 3e-3, 1e-2} selected at alpha 0.5
+  on seed 0; reported seeds 1, 2, 3; 6 rounds x 8 local steps (batch 8, 64 tokens); 5 clients,
+  3 per round; 1,200 training / 200 eval examples: 75 runs, about an hour on an idle 2-core CPU
+  (measured: ~45 s a run; several times longer on a loaded machine; the JSON records wall and CPU
+  seconds). Pass --rounds / --local-steps for a longer study.
 * ``--smoke``: tiny-bert on the synthetic task, 2 methods, 2 rounds (seconds; used by tests).
 
     python scripts/accuracy_study.py --quick
@@ -95,16 +94,19 @@ def presets(a) -> dict:
         p = dict(alphas=[0.5], seeds=[0], lrs=[1e-3, 1e-2], rounds=2, local_steps=3, clients=5, clients_per_round=3,
                  max_examples=600, eval_examples=100, max_length=64, batch_size=8, r=8)
     else:
-        p = dict(alphas=[0.1, 0.5, 1.0, "iid"], seeds=[1, 2], lrs=[1e-3, 3e-3, 1e-2], rounds=4, local_steps=6,
-                 clients=5, clients_per_round=3, max_examples=1200, eval_examples=100, max_length=32, batch_size=8,
-                 r=8)
+        p = dict(alphas=[0.1, 0.5, 1.0, "iid"], seeds=[1, 2, 3], lrs=[1e-3, 3e-3, 1e-2], select_alpha=0.5, rounds=6,
+                 local_steps=8, clients=5, clients_per_round=3, max_examples=1200, eval_examples=200, max_length=64,
+                 batch_size=8, r=8)
     p.setdefault("model", "all-MiniLM-L6-v2")
     p.setdefault("task", "bbc-news")
     p.setdefault("methods", list(METHODS))
+    p.setdefault("select_alpha", None)
     for k in list(p):  # explicit flags win
         v = getattr(a, k, None)
         if v is not None:
             p[k] = v
+    if p["select_alpha"] is None:
+        p["select_alpha"] = p["alphas"][0]
     return p
 
 
@@ -197,7 +199,7 @@ def study(a) -> dict:
     out_dir = Path(a.out_dir or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
-    sel_alphas = p["alphas"] if a.select_per_alpha else p["alphas"][:1]
+    sel_alphas = p["alphas"] if a.select_per_alpha else [p["select_alpha"]]
     print(f"study {name}: model {p['model']}, methods {p['methods']}, alphas {p['alphas']}, reported seeds "
           f"{p['seeds']}, lr grid {p['lrs']} (selection seed {a.selection_seed} at alpha {sel_alphas}), "
           f"{p['rounds']} rounds x {p['local_steps']} local steps, {p['clients']} clients ({p['clients_per_round']} "
@@ -255,7 +257,8 @@ def study(a) -> dict:
     meta = dict(task=p["task"], model=p["model"], device=device, device_name=device_name(device),
                 torch=torch.__version__, git_commit=git_commit(), wall_s=time.time() - t_start,
                 cpu_s=time.process_time() - c_start, loadavg_1min_end=os.getloadavg()[0],
-                selection_seed=a.selection_seed, select_per_alpha=a.select_per_alpha, metric=metric,
+                selection_seed=a.selection_seed, select_alpha=sel_alphas if a.select_per_alpha else sel_alphas[0],
+                select_per_alpha=a.select_per_alpha, metric=metric,
                 protocol=p, mode=suffix.strip("_") or "full", tag=a.tag, runs=len(RUNS),
                 runs_seconds_total=sum(v["seconds"] or 0 for v in RUNS.values()),
                 note="wall_s/cpu_s cover this invocation only; runs reused from an earlier invocation count in "
@@ -340,6 +343,8 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, help="reported seeds")
     ap.add_argument("--selection-seed", type=int, default=0,
                     help="seed of the lr-selection runs (default 0; the full mode reports seeds 1, 2)")
+    ap.add_argument("--select-alpha", type=parse_alpha,
+                    help="alpha (or 'iid') of the lr-selection runs (default: 0.5 in the full mode, else the first alpha)")
     ap.add_argument("--select-per-alpha", action="store_true", help="select the lr at every alpha")
     ap.add_argument("--lrs", nargs="+", type=float, help="lr grid (the same for every method)")
     ap.add_argument("--rounds", type=int)
