@@ -153,7 +153,8 @@ def run_one(p: dict, method: str, alpha, seed: int, lr: float, runs_dir: Path, d
     run_experiment(cfg, echo=(lambda *_: None) if quiet else print)
     gc.collect()
     r = _load_run(out, tag)
-    print(f"  {tag}: final {r['metric']} {r['history'][-1].get(r['metric'])}, {time.time() - t0:.0f} s", flush=True)
+    m = metric_of(r["history"], None)  # the study's default metric, not the run summary's headline
+    print(f"  {tag}: final {m} {r['history'][-1].get(m)}, {time.time() - t0:.0f} s", flush=True)
     return r
 
 

@@ -95,3 +95,19 @@ def test_accuracy_study_smoke_and_bytes_to_target(tmp_path):
     assert len(out) == 2 and (tmp_path / "comm_to_target_synthetic_smoke.csv").is_file()
     # a finished run is reused, not rerun
     st.main(["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+
+
+def test_accuracy_study_selects_lr_at_the_selection_alpha_on_the_selection_seed(tmp_path):
+    pytest.importorskip("fastseq.fed.engine")
+    st = _load("scripts/accuracy_study.py")
+    st.main(["--smoke", "--methods", "scl", "--lrs", "1e-4", "3e-2", "--select-alpha", "iid", "--out-dir",
+             str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    doc = json.loads((tmp_path / "accuracy_synthetic_smoke.json").read_text())
+    sel = doc["selection"]
+    assert [(s["alpha"], s["seed"]) for s in sel] == [("iid", 0), ("iid", 0)]  # not a reported alpha or seed
+    assert sorted(s["lr"] for s in sel) == [1e-4, 3e-2]
+    best = max(sel, key=lambda s: (s["final"], -s["lr"]))  # higher accuracy wins; ties: the smaller lr
+    (row,) = doc["rows"]
+    assert row["alpha"] == 0.5 and row["lr"] == best["lr"]
+    assert doc["meta"]["select_alpha"] == "iid"
+    assert "lr selection" in (tmp_path / "accuracy_synthetic_smoke.md").read_text()
