@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernel_sweep as ks  # noqa: E402
+from provenance import provenance  # noqa: E402
 from comm_bytes import CODECS  # noqa: E402
 from fastseq import comm  # noqa: E402
 
@@ -38,8 +38,7 @@ def _info(benchmark, blob, payload):
     raw = sum(v.numel() * v.element_size() for v in payload.values())
     benchmark.extra_info.update(encoded_bytes=len(blob), raw_bytes=raw, compression=raw / len(blob),
                                 values=sum(v.numel() for v in payload.values()),
-                                device_name=ks.device_name(torch.device("cpu")), torch=torch.__version__,
-                                git_commit=ks.git_commit())
+                                **provenance(torch.device("cpu")))
 
 
 @pytest.mark.parametrize("codec", list(CODECS))

@@ -19,11 +19,10 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernel_sweep as ks  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 fed = pytest.importorskip("fastseq.fed.experiment", reason="the federated runtime (fastseq.fed) is not installed")
 
@@ -63,6 +62,5 @@ def test_fl_round(benchmark, method, codec, tmp_path):
     benchmark.extra_info.update(model=MODEL, task=TASK, uplink_bytes=last.get("uplink_bytes"),
                                 downlink_bytes=last.get("downlink_bytes"),
                                 trainable_params=info.get("trainable_params"), shared_params=info.get("shared_params"),
-                                device_name=ks.device_name(rt.device), torch=torch.__version__,
-                                git_commit=ks.git_commit())
+                                **provenance(rt.device))
     assert not last.get("dropped"), last.get("dropped")

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernel_sweep as ks  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -42,7 +43,6 @@ def test_ffn_fwd_bwd(benchmark, provider, shape, tokens):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(saved_bytes=saved.bytes, trainable_params=n_train,
-                                device_name=ks.device_name(DEVICE), torch=torch.__version__,
-                                git_commit=ks.git_commit(), dtype=str(DTYPE))
+                                **provenance(DEVICE), dtype=str(DTYPE))
     benchmark.pedantic(fwd_bwd, rounds=3, iterations=1, warmup_rounds=1)
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step as ts  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = DEVICE.type == "cpu"
@@ -48,7 +49,6 @@ def test_train_step(benchmark, backbone, provider):
     benchmark.extra_info.update(tokens=BATCH * SEQ, layers=LAYERS, vocab=VOCAB, backbone=BACKBONE,
                                 trainable_params=runner.n_trainable, rank=runner.rank,
                                 saved_bytes=mem["saved_bytes"], est_peak_bytes=mem["est_peak_bytes"],
-                                device_name=ts.ks.device_name(DEVICE), torch=torch.__version__,
-                                git_commit=ts.ks.git_commit())
+                                **provenance(DEVICE))
     loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss)

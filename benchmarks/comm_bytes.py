@@ -31,7 +31,6 @@ Writes ``benchmarks/results/comm_bytes.{csv,json,png}`` (and ``comm_to_target_<t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
+from provenance import provenance, write_results  # noqa: E402
 from fastseq import comm  # noqa: E402
 from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
 
@@ -124,8 +123,7 @@ def run(shapes=None, codecs=None, budgets=None, out_dir=None, accuracy=None, tar
     codecs = codecs or (["none", "int8"] if smoke else list(CODECS))
     budgets = budgets or (["matched"] if smoke else ["matched", "authors"])
     cpu = torch.device("cpu")
-    meta = dict(device="cpu", device_name=ks.device_name(cpu), torch=torch.__version__, git_commit=ks.git_commit(),
-                scl_rank=SCL_RANK)
+    meta = dict(provenance(cpu), scl_rank=SCL_RANK)
     rows = []
     for sname in shapes:
         shape = SHAPES[sname]
@@ -167,22 +165,12 @@ def run(shapes=None, codecs=None, budgets=None, out_dir=None, accuracy=None, tar
     out_dir = Path(out_dir or HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / "comm_bytes"
-    _write(rows, stem, dict(meta=meta, smoke=smoke))
+    write_results(stem, rows, meta=meta, smoke=smoke)
     plot(rows, f"{stem}.png")
     print(f"wrote {stem}.csv/.json/.png")
     if accuracy:
         bytes_to_target(accuracy, target, out_dir)
     return rows
-
-
-def _write(rows, stem, extra):
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as fh:
-        json.dump(dict(extra, rows=rows), fh, indent=1)
 
 
 def plot(rows, path):
@@ -231,7 +219,7 @@ def bytes_to_target(accuracy_json, target, out_dir):
         print(f"{c['method']:12s} alpha={c['alpha']!s:5s} target {target:.3f}: "
               + ("not reached" if hit is None else f"round {c['rounds'][hit]}, {c['cumulative_bytes_mean'][hit]:,.0f} B"))
     stem = Path(out_dir) / f"comm_to_target_{task}"
-    _write(rows, stem, dict(source=str(accuracy_json), target=target))
+    write_results(stem, rows, source=str(accuracy_json), target=target)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

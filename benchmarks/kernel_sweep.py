@@ -23,20 +23,22 @@ Writes ``benchmarks/results/kernels_<device>.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-# No sys.path edits: fastseq.kernels exists only in an installed fastseq (pip install -e .),
-# and the repo root on sys.path would let `kernels/` shadow the PyPI package of that name.
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Only benchmarks/ goes on sys.path: fastseq.kernels exists only in an installed fastseq
+# (pip install -e .), and the repo root there would let `kernels/` shadow the PyPI package of that name.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from provenance import provenance, write_results  # noqa: E402
 from fastseq.kernels import scl_ffn, triton_available  # noqa: E402
 from fastseq.kernels.testing import SwiGLU, count_saved_activations  # noqa: E402
 
@@ -44,23 +46,6 @@ SHAPES = {"tinyllama": (2048, 5632), "gemma-2b": (2048, 16384)}
 RANK = 16
 PROVIDERS = ("frozen_mlp", "peft_lora", "scl_eager", "scl_torch_l1", "scl_torch_l2",
              "scl_triton_l1", "scl_triton_l2")
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", "kernels", "benchmarks"],
-                                        cwd=ROOT, stderr=subprocess.DEVNULL, text=True).strip()
-        return head + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
 
 
 def available(provider: str, device: torch.device) -> bool:
@@ -157,8 +142,7 @@ def run(quick=False, device=None, dtype=None, tokens=None, shapes=None, reps=Non
     shapes = shapes or (["tinyllama"] if quick else list(SHAPES))
     reps = reps or (5 if device.type == "cpu" else 10)
     warmup = 2 if device.type == "cpu" else 3
-    meta = dict(device=device.type, device_name=device_name(device), torch=torch.__version__,
-                git_commit=git_commit(), dtype=str(dtype).replace("torch.", ""), rank=RANK)
+    meta = dict(provenance(device), dtype=str(dtype).replace("torch.", ""), rank=RANK)
     rows = []
     for shape in shapes:
         d, f = SHAPES[shape]
@@ -190,12 +174,7 @@ def run(quick=False, device=None, dtype=None, tokens=None, shapes=None, reps=Non
     out_dir = Path(out_dir or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernels_{device.type}"
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as fh:
-        json.dump({"meta": meta, "quick": quick, "rows": rows}, fh, indent=1)
+    write_results(stem, rows, meta=meta, quick=quick)
     plot(rows, f"{stem}.png")
     print(f"wrote {stem}.csv/.json/.png")
     return rows

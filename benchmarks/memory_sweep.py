@@ -22,8 +22,6 @@ version and git commit.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
+from provenance import provenance, write_results  # noqa: E402
 
 import fastseq  # noqa: E402
 from fastseq import memory  # noqa: E402
@@ -239,10 +237,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = dict(device=ks.device_name(device), torch=torch.__version__, commit=ks.git_commit(),
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta = provenance(device)
     if torch.cuda.is_available():
-        rows = sweep("TinyLlama/TinyLlama_v1.1", None or memory.model_shape("TinyLlama/TinyLlama_v1.1").n_layers, 4,
+        rows = sweep("TinyLlama/TinyLlama_v1.1", memory.model_shape("TinyLlama/TinyLlama_v1.1").n_layers, 4,
                      512, "cuda")
         rows += sweep("google/gemma-2b", memory.model_shape("google/gemma-2b").n_layers, 4, 512, "cuda")
         tag = "cuda"
@@ -254,11 +251,7 @@ def main(argv=None):
     plans = print_plans()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"memory_{tag}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"memory_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows, plans=plans), indent=2))
+    write_results(out / f"memory_{tag}", rows, meta=meta, plans=plans)
     plot([r for r in rows if r["model"] == rows[0]["model"]], out / f"memory_{tag}.png")
     print(f"wrote {out}/memory_{tag}.csv|json|png")
 

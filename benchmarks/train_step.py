@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import ctypes
 import gc
-import json
 import logging
 import os
 import statistics
@@ -64,7 +62,8 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import kernel_sweep as ks  # noqa: E402  (device/version/commit tagging helpers)
+import kernel_sweep as ks  # noqa: E402
+from provenance import provenance, write_results  # noqa: E402
 
 import fastseq  # noqa: E402
 from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
@@ -286,8 +285,7 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
     backbones = backbones or (["fp32"] if smoke else ["fp32", "bf16", "nf4"])
     providers = providers or ([p for p in PROVIDERS if p not in ("lora_r16", "lora_up_r16")] if smoke else list(PROVIDERS))
     d, f = shape["hidden_size"], shape["intermediate_size"]
-    meta = dict(device=device.type, device_name=ks.device_name(device), torch=torch.__version__,
-                git_commit=ks.git_commit(), model="tinyllama-shaped" if not smoke else "smoke", d=d, f=f,
+    meta = dict(provenance(device), model="tinyllama-shaped" if not smoke else "smoke", d=d, f=f,
                 layers=layers, vocab=vocab, batch=batch, seq=seq, tokens=batch * seq, reps=reps,
                 scl_rank=SCL_RANK, lora_matched_rank=matched_lora_rank(SCL_RANK, d, f))
     print(f"budget per layer: SCL 2*f*r = {2 * f * SCL_RANK:,}; LoRA up+down r={matched_lora_rank(SCL_RANK, d, f)}: "
@@ -326,13 +324,7 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
     out_dir = Path(out_dir or HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / (f"train_step_{device.type}" + ("_smoke" if smoke else ""))
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as fh:
-        json.dump(dict(meta=meta, smoke=smoke, skipped=skipped, rows=rows), fh, indent=1)
+    write_results(stem, rows, meta=meta, smoke=smoke, skipped=skipped)
     if rows:
         plot(rows, f"{stem}.png")
     print(f"wrote {stem}.csv/.json/.png")
