@@ -46,39 +46,24 @@ config) is reused, so an interrupted study resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "benchmarks") not in sys.path:  # only benchmarks/: the root would let kernels/ shadow a PyPI package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import provenance, write_results  # noqa: E402
+
 METHODS = ("scl", "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora")
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "rougeL_tf", "rougeL_gen", "bleu_tf", "bleu_gen")
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", "fastseq",
-                                         "kernels", "scripts"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
-        return head + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
 
 
 def parse_alpha(s: str):
@@ -255,8 +240,7 @@ def study(a) -> dict:
                                metric=metric))
             print(f"{method:12s} alpha {alpha!s:4s} lr {lr:g}: final {metric} {fm:.4f} +- {fs:.4f} "
                   f"({len(runs)} seeds), bytes {statistics.fmean(tot):,.0f}", flush=True)
-    meta = dict(task=p["task"], model=p["model"], device=device, device_name=device_name(device),
-                torch=torch.__version__, git_commit=git_commit(), wall_s=time.time() - t_start,
+    meta = dict(task=p["task"], model=p["model"], **provenance(device), wall_s=time.time() - t_start,
                 cpu_s=time.process_time() - c_start, loadavg_1min_end=os.getloadavg()[0],
                 selection_seed=a.selection_seed, select_alpha=sel_alphas if a.select_per_alpha else sel_alphas[0],
                 select_per_alpha=a.select_per_alpha, metric=metric,
@@ -265,12 +249,8 @@ def study(a) -> dict:
                 note="wall_s/cpu_s cover this invocation only; runs reused from an earlier invocation count in "
                      "runs_seconds_total (each run's own wall seconds, from its summary.json)")
     stem = out_dir / f"accuracy_{name}"
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     doc = dict(meta=meta, task=name, selection=selection, rows=rows, curves=curves, method_info=info)
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+    write_results(stem, rows, **{k: v for k, v in doc.items() if k != "rows"})
     Path(f"{stem}.md").write_text(markdown(rows, meta, selection))
     plot(curves, metric, stem, meta)
     print(f"wrote {stem}.csv/.json/.md/_rounds.png/_bytes.png ({meta['wall_s']:.0f} s)")
