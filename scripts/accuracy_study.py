@@ -9,7 +9,9 @@ Protocol (the same for every method):
    The lr with the best final-round eval metric wins (ties: the smaller lr). The selection seed is not one
    of the reported seeds.
 2. Reported runs. Each method, at its selected lr, runs every alpha x reported seed.
-3. Per method x alpha: mean +- std over seeds of the final-round metric, the best round's
+   ``--codecs`` adds compressed runs: each codec (used for the uplink and the downlink)
+   runs at the lr its method selected uncompressed.
+3. Per method x codec x alpha: mean +- std over seeds of the final-round metric, the best round's
    metric, and the bytes actually sent (uplink + downlink, counted by the runtime,
    including the personalised-evaluation downlink of FedSA-LoRA).
 
@@ -35,6 +37,8 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
 
     python scripts/accuracy_study.py --quick
     python scripts/accuracy_study.py                 # about an hour on a 2-core CPU
+    python scripts/accuracy_study.py --methods scl fedavg-lora --alphas 0.5 --codecs none int8 nf4 \
+        --tag codecs                                 # the same runs under compression (reuses the lr selection)
     python scripts/accuracy_study.py --task medquad --model TinyLlama/TinyLlama_v1.1 \\
         --data-path /data/medquad.csv --device cuda  # on a GPU (metric: rougeL_tf / eval_loss)
 
@@ -56,6 +60,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastseq.comm import CODECS
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "benchmarks") not in sys.path:  # only benchmarks/: the root would let kernels/ shadow a PyPI package
@@ -85,6 +91,7 @@ def presets(a) -> dict:
     p.setdefault("model", "all-MiniLM-L6-v2")
     p.setdefault("task", "bbc-news")
     p.setdefault("methods", list(METHODS))
+    p.setdefault("codecs", ["none"])
     p.setdefault("select_alpha", None)
     for k in list(p):  # explicit flags win
         v = getattr(a, k, None)
@@ -113,18 +120,20 @@ def better(metric: str, a: float, b: float) -> bool:
     return a > b if metric in HIGHER_IS_BETTER else a < b
 
 
-def run_one(p: dict, method: str, alpha, seed: int, lr: float, runs_dir: Path, device: str, quiet: bool) -> dict:
+def run_one(p: dict, method: str, alpha, seed: int, lr: float, runs_dir: Path, device: str, quiet: bool,
+            codec: str = "none") -> dict:
     from fastseq.fed.engine import run_experiment
     from fastseq.fed.experiment import ExperimentConfig
 
-    tag = f"{method}_a{alpha}_s{seed}_lr{lr:g}"
+    tag = f"{method}_a{alpha}_s{seed}_lr{lr:g}" + ("" if codec == "none" else f"_{codec}")
     out = runs_dir / tag
     cfg = ExperimentConfig(
         model=p["model"], task=p["task"], data_path=p.get("data_path"), method=method, r=p["r"], rounds=p["rounds"],
         clients=p["clients"], clients_per_round=p["clients_per_round"], local_steps=p["local_steps"], lr=lr,
         batch_size=p["batch_size"], partition="iid" if alpha == "iid" else "dirichlet",
         alpha=0.5 if alpha == "iid" else float(alpha), seed=seed, max_examples=p["max_examples"],
-        eval_examples=p["eval_examples"], max_length=p["max_length"], device=device, out=str(out), progress=False)
+        eval_examples=p["eval_examples"], max_length=p["max_length"], device=device, out=str(out), progress=False,
+        codec=codec, downlink_codec=codec)
     want = cfg.to_dict()
     done = out / "summary.json"
     if done.is_file() and (out / "config.json").is_file():
@@ -209,10 +218,10 @@ def study(a) -> dict:
             print(f"selected lr {best[0]:g} for {method} (alpha {alpha}): final {metric} {best[1]}", flush=True)
     # 2. reported runs
     rows, curves, info = [], [], {}
-    for method in p["methods"]:
+    for method, codec in ((m, c) for m in p["methods"] for c in p["codecs"]):
         for alpha in p["alphas"]:
             lr = chosen[(method, alpha if a.select_per_alpha else sel_alphas[0])]
-            runs = [run_one(p, method, alpha, s, lr, runs_dir, device, not a.verbose) for s in p["seeds"]]
+            runs = [run_one(p, method, alpha, s, lr, runs_dir, device, not a.verbose, codec) for s in p["seeds"]]
             metric = metric_of(runs[0]["history"], metric)
             info[method] = runs[0]["method_info"]
             cs = [curve(r, metric) for r in runs]
@@ -223,7 +232,8 @@ def study(a) -> dict:
             tot = [c[2][-1] for c in cs]
             up = [sum(h.get("uplink_bytes") or 0 for h in r["history"]) for r in runs]
             mi = runs[0]["method_info"]
-            rows.append(dict(task=p["task"], model=p["model"], method=method, alpha=alpha, lr=lr, seeds=len(runs),
+            rows.append(dict(task=p["task"], model=p["model"], method=method, codec=codec, alpha=alpha, lr=lr,
+                             seeds=len(runs),
                              metric=metric, final_mean=fm, final_std=fs, best_mean=bm, best_std=bs,
                              initial=cs[0][1][0], total_bytes_mean=statistics.fmean(tot),
                              uplink_bytes_mean=statistics.fmean(up),
@@ -232,13 +242,13 @@ def study(a) -> dict:
                              personalized_eval=method == "fedsa-lora", rounds=p["rounds"],
                              local_steps=p["local_steps"]))
             n = min(len(c[0]) for c in cs)
-            curves.append(dict(method=method, alpha=alpha, rounds=cs[0][0][:n],
+            curves.append(dict(method=method, codec=codec, alpha=alpha, rounds=cs[0][0][:n],
                                accuracy_mean=[statistics.fmean(c[1][i] for c in cs) for i in range(n)],
                                accuracy_std=[statistics.stdev([c[1][i] for c in cs]) if len(cs) > 1 else 0.0
                                              for i in range(n)],
                                cumulative_bytes_mean=[statistics.fmean(c[2][i] for c in cs) for i in range(n)],
                                metric=metric))
-            print(f"{method:12s} alpha {alpha!s:4s} lr {lr:g}: final {metric} {fm:.4f} +- {fs:.4f} "
+            print(f"{method:12s} {codec:5s} alpha {alpha!s:4s} lr {lr:g}: final {metric} {fm:.4f} +- {fs:.4f} "
                   f"({len(runs)} seeds), bytes {statistics.fmean(tot):,.0f}", flush=True)
     meta = dict(task=p["task"], model=p["model"], **provenance(device), wall_s=time.time() - t_start,
                 cpu_s=time.process_time() - c_start, loadavg_1min_end=os.getloadavg()[0],
@@ -260,21 +270,22 @@ def study(a) -> dict:
 def markdown(rows, meta, selection) -> str:
     p = meta["protocol"]
     alphas = list(dict.fromkeys(str(r["alpha"]) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    arms = list(dict.fromkeys((r["method"], r.get("codec", "none")) for r in rows))
     m = meta["metric"]
     lines = [f"Task {meta['task']}, model {meta['model']}, {p['rounds']} rounds x {p['local_steps']} local steps, "
              f"{p['clients']} clients ({p['clients_per_round']} per round), {len(p['seeds'])} seed(s); final-round "
              f"{m}, mean +- std over seeds; commit {meta['git_commit']}, {meta['device_name']}.", "",
              "| method | lr | trainable | shared | " + " | ".join(f"alpha={a}" for a in alphas) + " | MB sent (mean over alphas) |",
              "|---|---|---|---|" + "---|" * len(alphas) + "---|"]
-    for meth in methods:
-        rs = {str(r["alpha"]): r for r in rows if r["method"] == meth}
+    for meth, codec in arms:
+        rs = {str(r["alpha"]): r for r in rows if r["method"] == meth and r.get("codec", "none") == codec}
         r0 = next(iter(rs.values()))
         cells = [f"{rs[a]['final_mean']:.3f} +- {rs[a]['final_std']:.3f}" if a in rs and rs[a]["final_mean"] is not None
                  else "-" for a in alphas]
         mb = statistics.fmean(r["total_bytes_mean"] for r in rs.values()) / 1e6
         lrs = sorted({r["lr"] for r in rs.values()})
-        name = meth + (" (personalised eval)" if r0["personalized_eval"] else "")
+        name = (meth + ("" if codec == "none" else f" [{codec} up+down]")
+                + (" (personalised eval)" if r0["personalized_eval"] else ""))
         lines.append(f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {r0['trainable_params']:,} | "
                      f"{r0['shared_params']:,} | " + " | ".join(cells) + f" | {mb:.2f} |")
     if not selection:
@@ -298,7 +309,8 @@ def plot(curves, metric, stem, meta):
         for ax, al in zip(axes[0], alphas):
             for c in (c for c in curves if str(c["alpha"]) == al):
                 x = c[xkey] if kind == "rounds" else [b / 1e6 for b in c[xkey]]
-                ax.errorbar(x, c["accuracy_mean"], yerr=c["accuracy_std"], marker=".", capsize=2, label=c["method"])
+                ax.errorbar(x, c["accuracy_mean"], yerr=c["accuracy_std"], marker=".", capsize=2,
+                            label=c["method"] + ("" if c.get("codec", "none") == "none" else f" [{c['codec']}]"))
             ax.set_title(f"alpha={al}" if al != "iid" else "IID", fontsize=9)
             ax.set_xlabel(xlabel)
             if kind == "bytes":
@@ -321,6 +333,9 @@ def main(argv=None):
     ap.add_argument("--data-path", help="local data file/folder or hub id for the task")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS))
     ap.add_argument("--alphas", nargs="+", type=parse_alpha, help="Dirichlet alphas and/or 'iid'")
+    ap.add_argument("--codecs", nargs="+", choices=list(CODECS),
+                    help="payload codecs, each used up and down (default none); every codec runs at the lr "
+                         "selected without compression")
     ap.add_argument("--seeds", nargs="+", type=int, help="reported seeds")
     ap.add_argument("--selection-seed", type=int, default=0,
                     help="seed of the lr-selection runs (default 0; the full mode reports seeds 1, 2)")

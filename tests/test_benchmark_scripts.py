@@ -93,6 +93,11 @@ def test_accuracy_study_smoke_and_bytes_to_target(tmp_path):
     cb = _load("benchmarks/comm_bytes.py")
     out = cb.bytes_to_target(f"{stem}.json", None, tmp_path)
     assert len(out) == 2 and (tmp_path / "comm_to_target_synthetic_smoke.csv").is_file()
+    goal = 0.9 * max(c["accuracy_mean"][-1] for c in doc["curves"])  # one alpha here
+    for row, c in zip(out, doc["curves"]):
+        first = next((r for r, v in zip(c["rounds"], c["accuracy_mean"]) if v >= goal), None)
+        assert row["target_accuracy"] == pytest.approx(goal) and row["round_reached"] == first
+        assert row["final_accuracy"] == c["accuracy_mean"][-1]
     # a finished run is reused, not rerun
     st.main(["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
 
@@ -100,14 +105,18 @@ def test_accuracy_study_smoke_and_bytes_to_target(tmp_path):
 def test_accuracy_study_selects_lr_at_the_selection_alpha_on_the_selection_seed(tmp_path):
     pytest.importorskip("fastseq.fed.engine")
     st = _load("scripts/accuracy_study.py")
-    st.main(["--smoke", "--methods", "scl", "--lrs", "1e-4", "3e-2", "--select-alpha", "iid", "--out-dir",
-             str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    st.main(["--smoke", "--methods", "scl", "--lrs", "1e-4", "3e-2", "--select-alpha", "iid", "--codecs", "none",
+             "int8", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     doc = json.loads((tmp_path / "accuracy_synthetic_smoke.json").read_text())
     sel = doc["selection"]
     assert [(s["alpha"], s["seed"]) for s in sel] == [("iid", 0), ("iid", 0)]  # not a reported alpha or seed
     assert sorted(s["lr"] for s in sel) == [1e-4, 3e-2]
     best = max(sel, key=lambda s: (s["final"], -s["lr"]))  # higher accuracy wins; ties: the smaller lr
-    (row,) = doc["rows"]
-    assert row["alpha"] == 0.5 and row["lr"] == best["lr"]
+    plain, int8 = doc["rows"]
+    assert (plain["codec"], int8["codec"]) == ("none", "int8")
+    for row in (plain, int8):  # every codec runs at the lr selected uncompressed
+        assert row["alpha"] == 0.5 and row["lr"] == best["lr"]
+    assert int8["total_bytes_mean"] < plain["total_bytes_mean"] / 2  # int8 payloads, up and down
     assert doc["meta"]["select_alpha"] == "iid"
-    assert "lr selection" in (tmp_path / "accuracy_synthetic_smoke.md").read_text()
+    md = (tmp_path / "accuracy_synthetic_smoke.md").read_text()
+    assert "lr selection" in md and "| scl [int8 up+down] |" in md
