@@ -30,9 +30,9 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
   its lr choice is not validated on a held-out seed. Meant as a smoke-level study.
 * default (full): alphas 0.1, 0.5, 1.0, IID; lrs {1e-3, 3e-3, 1e-2} selected at alpha 0.5
   on seed 0; reported seeds 1, 2, 3; 6 rounds x 8 local steps (batch 8, 64 tokens); 5 clients,
-  3 per round; 1,200 training / 200 eval examples: 75 runs, about an hour on an idle 2-core CPU
-  (measured: ~45 s a run; several times longer on a loaded machine; the JSON records wall and CPU
-  seconds). Pass --rounds / --local-steps for a longer study.
+  3 per round; 1,200 training / 200 eval examples: 75 runs, 73 min measured on the 2-core CPU
+  (43-80 s a run, FedSA-LoRA's per-client evaluation the slowest; longer on a loaded machine; the
+  JSON records wall and CPU seconds). Pass --rounds / --local-steps for a longer study.
 * ``--smoke``: tiny-bert on the synthetic task, 2 methods, 2 rounds (seconds; used by tests).
 
     python scripts/accuracy_study.py --quick
