@@ -120,3 +120,20 @@ def test_accuracy_study_selects_lr_at_the_selection_alpha_on_the_selection_seed(
     assert doc["meta"]["select_alpha"] == "iid"
     md = (tmp_path / "accuracy_synthetic_smoke.md").read_text()
     assert "lr selection" in md and "| scl [int8 up+down] |" in md
+
+
+@pytest.mark.parametrize("model,task,metric", [("tiny-llama", "chatterbot-qa", "rougeL_tf"),
+                                               ("tiny-siglip", "synthetic-image", "accuracy")])
+def test_accuracy_study_runs_a_causal_lm_and_a_vision_task(tmp_path, model, task, metric):
+    """The study is not tied to text classification: pointed at a Q/A task it reports the
+    teacher-forced ROUGE-L, at an image task the accuracy."""
+    pytest.importorskip("fastseq.fed.engine")
+    if task == "chatterbot-qa":
+        pytest.importorskip("chatterbot_corpus")  # the `demo` extra
+    st = _load("scripts/accuracy_study.py")
+    st.main(["--smoke", "--model", model, "--task", task, "--methods", "scl", "--rounds", "1", "--out-dir",
+             str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    doc = json.loads((tmp_path / f"accuracy_{task}_smoke.json").read_text())
+    assert doc["meta"]["metric"] == metric and doc["meta"]["model"] == model
+    (row,) = doc["rows"]
+    assert row["metric"] == metric and _finite(row["final_mean"]) and row["total_bytes_mean"] > 0
