@@ -27,7 +27,8 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
 * ``--quick``: alpha 0.5, lrs {1e-3, 1e-2}, 2 rounds x 3 local steps (batch 8, 64 tokens),
   600 training / 100 eval examples, 5 clients (3 per round). Its one seed IS the selection
   seed (10 runs instead of 15): the quick table reports the selection runs themselves, so
-  its lr choice is not validated on a held-out seed. Meant as a smoke-level study.
+  its lr choice is not validated on a held-out seed. Meant as a smoke-level study: 5.7 min
+  wall (326 s CPU) measured while another study shared the 2 cores.
 * default (full): alphas 0.1, 0.5, 1.0, IID; lrs {1e-3, 3e-3, 1e-2} selected at alpha 0.5
   on seed 0; reported seeds 1, 2, 3; 6 rounds x 8 local steps (batch 8, 64 tokens); 5 clients,
   3 per round; 1,200 training / 200 eval examples: 75 runs, 73 min measured on the 2-core CPU
