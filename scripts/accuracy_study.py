@@ -38,7 +38,7 @@ Modes (CPU, MiniLM + BBC News; wall times on 2 shared cores):
 
     python scripts/accuracy_study.py --quick
     python scripts/accuracy_study.py                 # about an hour on a 2-core CPU
-    python scripts/accuracy_study.py --methods scl fedavg-lora --alphas 0.5 --codecs none int8 nf4 \
+    python scripts/accuracy_study.py --methods scl fedavg-lora --alphas 0.5 --codecs none int8 nf4 \\
         --tag codecs                                 # the same runs under compression (reuses the lr selection)
     python scripts/accuracy_study.py --task medquad --model TinyLlama/TinyLlama_v1.1 \\
         --data-path /data/medquad.csv --device cuda  # on a GPU (metric: rougeL_tf / eval_loss)
