@@ -122,8 +122,7 @@ def run(shapes=None, codecs=None, budgets=None, out_dir=None, accuracy=None, tar
     shapes = shapes or (["minilm"] if smoke else list(SHAPES))
     codecs = codecs or (["none", "int8"] if smoke else list(CODECS))
     budgets = budgets or (["matched"] if smoke else ["matched", "authors"])
-    cpu = torch.device("cpu")
-    meta = dict(provenance(cpu), scl_rank=SCL_RANK)
+    meta = dict(provenance("cpu"), scl_rank=SCL_RANK)
     rows = []
     for sname in shapes:
         shape = SHAPES[sname]

@@ -62,10 +62,10 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import kernel_sweep as ks  # noqa: E402
 from provenance import provenance, write_results  # noqa: E402
 
 import fastseq  # noqa: E402
+from fastseq.kernels.testing import count_saved_activations  # noqa: E402
 from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
 
 log = logging.getLogger("train_step")
@@ -206,7 +206,7 @@ class Runner:
 
     def memory(self):
         params = list(self.model.parameters())
-        saved = ks.count_saved_activations(self.loss, params)
+        saved = count_saved_activations(self.loss, params)
         self.step()  # optimizer state exists after one step
         optim = sum(_tensor_bytes(v) for st in self.opt.state.values() for v in st.values()
                     if isinstance(v, torch.Tensor))
