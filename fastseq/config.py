@@ -10,6 +10,7 @@ from pathlib import Path
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 BACKENDS = ("auto", "torch", "triton")
 CHECKPOINT_LEVELS = (0, 1, 2)
+PLACEMENTS = ("residual", "parallel")
 
 
 class ConfigError(ValueError):
@@ -23,7 +24,16 @@ class SCLConfig:
     r: width of the compression bottleneck (C: f -> r, E: r -> f).
     activation: sigma between C and E; None uses the FFN's own activation.
     scale: s in ``c = h + s * E(sigma(C h))``.
-    bias: give C and E biases.
+    bias: give C and E (or P) biases.
+    placement: "residual" (``y = Wd (h + s E sigma(C h))``, E: r -> f) or "parallel"
+        (``y = Wd h + s P sigma(C h)``, P: r -> d, a new small "subsequent projection").
+        Trainable per layer: ``2 f r`` (residual) or ``r (f + d)`` (parallel).
+    train_compress: train C. False freezes C at its seeded init (see init_seed): only E (or
+        P) trains, the output is linear in what trains and averaging it is exact.
+        Trainable per layer: ``f r`` (residual) or ``d r`` (parallel).
+    init_seed: seed of C's initialisation. None draws from torch's global RNG; an integer
+        derives each FFN's C from (init_seed, the FFN's name) alone, on the CPU, so that
+        every process and device builds bit-identical C (what a frozen C needs).
     train_down_proj: also train the FFN's down projection (costs d*f per layer).
     layers: indices of the transformer layers to adapt; None adapts every FFN
         (including FFNs outside the numbered layers, such as SigLIP's pooling head).
@@ -39,6 +49,9 @@ class SCLConfig:
     activation: str | None = None
     scale: float = 1.0
     bias: bool = False
+    placement: str = "residual"
+    train_compress: bool = True
+    init_seed: int | None = None
     train_down_proj: bool = False
     layers: list[int] | None = None
     checkpoint_level: int = 1
@@ -60,7 +73,11 @@ class SCLConfig:
             )
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise ConfigError(f"SCLConfig.scale must be a finite number, got {self.scale!r}")
-        for name in ("bias", "train_down_proj"):
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"SCLConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise ConfigError(f"SCLConfig.init_seed must be None or an integer, got {self.init_seed!r}")
+        for name in ("bias", "train_compress", "train_down_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SCLConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.layers is not None:
@@ -71,6 +88,14 @@ class SCLConfig:
             raise ConfigError(f"SCLConfig.checkpoint_level must be one of {CHECKPOINT_LEVELS}, got {self.checkpoint_level!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"SCLConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def adapter_params_per_layer(self, d_model: int, d_ffn: int) -> int:
+        """Trainable adapter parameters of one FFN (biases included, down projection not)."""
+        out_width = d_ffn if self.placement == "residual" else d_model
+        n = out_width * self.r + (out_width if self.bias else 0)
+        if self.train_compress:
+            n += d_ffn * self.r + (self.r if self.bias else 0)
+        return n
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,8 +3,10 @@
 ``scl_ffn`` computes, for ``x`` of shape ``[..., d]``::
 
     gated:  h = act(x Wg^T + bg) * (x Wu^T + bu)        plain: h = act(x W1^T + b1)
-    c = h + s * (sigma(h C^T + bc) E^T + be)
-    y = c Wd^T + bd
+    placement="residual":  c = h + s * (sigma(h C^T + bc) E^T + be);  y = c Wd^T + bd
+    placement="parallel":  y = h Wd^T + bd + s * (sigma(h C^T + bc) P^T + bp)
+
+(P ``[d, r]`` and bp ``[d]`` are passed as ``expand_weight`` / ``expand_bias``)
 
 with a choice of what is kept for backward (``checkpoint_level`` 0/1/2) and of the backend
 (``"torch"`` recompute autograd.Function, ``"triton"`` fused kernels, ``"auto"``: Triton for
@@ -19,10 +21,10 @@ from typing import Callable, Optional, Union
 import torch
 
 from .activations import ACTIVATIONS, act, act_grad, check_activation
-from .reference import scl_ffn_reference
+from .reference import PLACEMENTS, scl_ffn_reference
 from .scl_ffn_torch import SCLFFNRecompute
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "CHECKPOINT_LEVELS", "scl_ffn", "scl_ffn_reference",
+__all__ = ["ACTIVATIONS", "BACKENDS", "CHECKPOINT_LEVELS", "PLACEMENTS", "scl_ffn", "scl_ffn_reference",
            "triton_available", "resolve_backend", "act", "act_grad"]
 
 BACKENDS = ("torch", "triton", "auto")
@@ -99,28 +101,33 @@ def scl_ffn(
     scale: float = 1.0,
     checkpoint_level: int = 1,
     backend: str = "torch",
+    placement: str = "residual",
 ) -> torch.Tensor:
     """The SCL FFN; see the module docstring and docs/internals.md for the contract."""
     check_activation(ffn_activation)
     check_activation(scl_activation)
     if checkpoint_level not in CHECKPOINT_LEVELS:
         raise ValueError(f"checkpoint_level must be one of {CHECKPOINT_LEVELS}, got {checkpoint_level!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    out_name, out_width = ("f", compress_weight.shape[-1]) if placement == "residual" else ("d", x.shape[-1])
     if compress_weight.dim() != 2 or expand_weight.dim() != 2:
-        raise ValueError("compress_weight must be [r, f] and expand_weight [f, r]")
-    if compress_weight.shape[0] != expand_weight.shape[1] or compress_weight.shape[1] != expand_weight.shape[0]:
+        raise ValueError(f"compress_weight must be [r, f] and expand_weight [{out_name}, r]")
+    if compress_weight.shape[0] != expand_weight.shape[1] or expand_weight.shape[0] != out_width:
         raise ValueError(f"compress_weight {tuple(compress_weight.shape)} and expand_weight "
-                         f"{tuple(expand_weight.shape)} do not match ([r, f] and [f, r])")
+                         f"{tuple(expand_weight.shape)} do not match ([r, f] and [{out_name}, r] for the "
+                         f"{placement} placement, {out_name}={out_width})")
     be = resolve_backend(backend, x.device)
     args = (up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias,
             compress_weight, compress_bias, expand_weight, expand_bias)
     if checkpoint_level == 0:
         return scl_ffn_reference(x, *args, ffn_activation=ffn_activation,
-                                 scl_activation=scl_activation, scale=scale)
+                                 scl_activation=scl_activation, scale=scale, placement=placement)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if be == "triton":
         from .scl_ffn_triton import SCLFFNTriton as Fn
     else:
         Fn = SCLFFNRecompute
-    y = Fn.apply(x2, *args, ffn_activation, scl_activation, float(scale), int(checkpoint_level))
+    y = Fn.apply(x2, *args, ffn_activation, scl_activation, float(scale), int(checkpoint_level), placement)
     return y.reshape(*lead, y.shape[-1])

@@ -1,7 +1,11 @@
 """Plain-autograd reference of the SCL FFN (checkpoint level 0).
 
-This is the math of DESIGN.md section 1, written the obvious way: autograd keeps
-every intermediate it needs (x, g, u, act(g), h, p, sigma(p), c, ...).
+This is the math of docs/internals.md, written the obvious way: autograd keeps every
+intermediate it needs (x, g, u, act(g), h, p, sigma(p), c, ...). Two placements:
+
+* ``"residual"``: ``y = (h + s (sigma(h C^T + bc) E^T + be)) Wd^T + bd``, E ``[f, r]``;
+* ``"parallel"``: ``y = h Wd^T + bd + s (sigma(h C^T + bc) P^T + bp)``, P ``[d, r]``
+  (passed as ``expand_weight`` / ``expand_bias``).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from .activations import act
 
 WeightArg = Union[torch.Tensor, Callable[[], torch.Tensor]]
+PLACEMENTS = ("residual", "parallel")
 
 
 def resolve(w: Optional[WeightArg]) -> Optional[torch.Tensor]:
@@ -57,6 +62,7 @@ def scl_ffn_reference(
     ffn_activation: str,
     scl_activation: str,
     scale: float,
+    placement: str = "residual",
 ) -> torch.Tensor:
     dt = x.dtype
     wu = _frozen(up_weight, dt)
@@ -67,5 +73,7 @@ def scl_ffn_reference(
     else:
         h = act(F.linear(x, wu, _cast(up_bias, dt)), ffn_activation)
     p = F.linear(h, compress_weight.to(dt), _cast(compress_bias, dt))
-    c = h + scale * F.linear(act(p, scl_activation), expand_weight.to(dt), _cast(expand_bias, dt))
-    return F.linear(c, wd, _cast(down_bias, dt))
+    z = F.linear(act(p, scl_activation), expand_weight.to(dt), _cast(expand_bias, dt))
+    if placement == "parallel":
+        return F.linear(h, wd, _cast(down_bias, dt)) + scale * z
+    return F.linear(h + scale * z, wd, _cast(down_bias, dt))

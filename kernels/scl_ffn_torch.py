@@ -6,7 +6,10 @@ recompute levels is real on CPU too.
 
 Forward never materialises ``c`` (the compressed path) as a ``[T, f]`` tensor:
 
-    y = h Wd^T + s * sigma(p) M^T + (bd + s * Wd be),   M = Wd E  ([d, r])
+    y = h Wd^T + s * sigma(p) M^T + bias,   residual: M = Wd E, bias = bd + s Wd be
+                                            parallel: M = P,    bias = bd + s bp
+
+(``M`` is ``[d, r]``; the parallel placement's P is passed where E is.)
 
 What is kept for backward (all through ``ctx.save_for_backward``):
 
@@ -44,48 +47,66 @@ def frozen_pre_activations(x, up_w, up_b, gate_w, gate_b):
     return F.linear(x, resolve(up_w).to(dt), _c(up_b, dt)), None
 
 
-def down_with_lowrank(h, sp, wd, E, be, bd, scale):
-    """``y = h Wd^T + s sigma(p) M^T + bd + s Wd be`` with ``M = Wd E``; c never formed."""
-    dt = h.dtype
-    M = wd @ E.to(dt)  # [d, r]
+def lowrank_epilogue(wd, E, be, bd, scale, placement, dt):
+    """``(M, bias)`` of ``y = h Wd^T + s sigma(p) M^T + bias``: ``M = Wd E`` and
+    ``bias = bd + s Wd be`` (residual), ``M = P`` and ``bias = bd + s bp`` (parallel)."""
+    residual = placement == "residual"
+    M = wd @ E.to(dt) if residual else E.to(dt)  # [d, r]
     bias = None
     if be is not None:
-        bias = scale * (wd @ be.to(dt))
+        bias = scale * (wd @ be.to(dt) if residual else be.to(dt))
     if bd is not None:
         bias = bd.to(dt) if bias is None else bias + bd.to(dt)
+    return M, bias
+
+
+def down_with_lowrank(h, sp, wd, E, be, bd, scale, placement="residual"):
+    """``y = h Wd^T + s sigma(p) M^T + bias`` (see ``lowrank_epilogue``); c never formed."""
+    dt = h.dtype
+    M, bias = lowrank_epilogue(wd, E, be, bd, scale, placement, dt)
     y = h @ wd.t() if bias is None else torch.addmm(bias, h, wd.t())
     return y.addmm_(sp, M.t(), alpha=scale)
 
 
 def scl_backward_core(dy, x, pre1, pre2, p, wd, C, bc, E, be, ffn_activation, scl_activation,
-                      scale, need):
+                      scale, need, placement="residual"):
     """Shared backward math (torch ops). ``need`` = dict of booleans for
     ``C, bc, E, be, wd, bd, pre`` (pre: whether d pre1 / d pre2 are needed).
 
-    Returns a dict with ``dC, dbc, dE, dbe, dWd, dbd, dpre1, dpre2`` (None where not needed).
+    Returns a dict with ``dC, dbc, dE, dbe, dWd, dbd, dpre1, dpre2`` (None where not needed;
+    with the parallel placement ``dE`` / ``dbe`` are the gradients of P / bp).
     """
     dt = dy.dtype
+    residual = placement == "residual"
     out = dict.fromkeys(("dC", "dbc", "dE", "dbe", "dWd", "dbd", "dpre1", "dpre2"))
     a1, da1 = act_and_grad(pre1, ffn_activation)
     h = a1 * pre2 if pre2 is not None else a1
     sp, dsp = act_and_grad(p, scl_activation)
     Et, Ct = E.to(dt), C.to(dt)
-    dyWd = dy @ wd  # [T, f]
-    # dz = s * dy M = s * (dy Wd) E  ([T, r]); the rank-r part is kept in fp32
-    dp = (dyWd @ Et).float().mul_(scale).mul_(dsp.float())
+    # dy Wd [T, f]: the gradient reaching h through the frozen down projection (and, for the
+    # residual placement, the gradient of c that E and C see)
+    dyWd = dy @ wd if (residual or need["pre"]) else None
+    # dz = s * dy M ([T, r]): residual M = Wd E, so dy M = (dy Wd) E; parallel M = P.
+    # The rank-r part is kept in fp32.
+    dz = dyWd @ Et if residual else dy @ Et
+    dp = dz.float().mul_(scale).mul_(dsp.float())
     if need["C"]:
         out["dC"] = (dp.t().to(dt) @ h).to(C.dtype)
     if need["bc"]:
         out["dbc"] = dp.sum(0).to(bc.dtype)
     dp = dp.to(dt)
+    g_out = dyWd if residual else dy  # what E (or P) sees downstream
     if need["E"]:
-        out["dE"] = (dyWd.t() @ sp).mul_(scale).to(E.dtype)
+        out["dE"] = (g_out.t() @ sp).mul_(scale).to(E.dtype)
     if need["be"]:
-        out["dbe"] = dyWd.sum(0).mul_(scale).to(be.dtype)
+        out["dbe"] = g_out.sum(0).mul_(scale).to(be.dtype)
     if need["wd"]:
-        c = torch.addmm(h, sp, Et.t(), alpha=scale)
-        if be is not None:
-            c.add_(be.to(dt), alpha=scale)
+        if residual:
+            c = torch.addmm(h, sp, Et.t(), alpha=scale)
+            if be is not None:
+                c.add_(be.to(dt), alpha=scale)
+        else:  # the parallel branch bypasses Wd
+            c = h
         out["dWd"] = dy.t() @ c
         del c
     if need["bd"]:
@@ -136,7 +157,7 @@ def _tensor_or_none(w):
 
 
 def save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
-                       ffn_activation, scl_activation, scale, level, dtype) -> None:
+                       ffn_activation, scl_activation, scale, level, dtype, placement) -> None:
     """What both recompute Functions (torch and Triton) keep for backward: tensors through
     ``save_for_backward`` (so saved-tensor hooks see them), callables and settings on ctx."""
     if level == 2:
@@ -146,7 +167,7 @@ def save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w
                           _tensor_or_none(down_w), down_b, C, bc, E, be)
     ctx.weights = (up_w, gate_w, down_w)  # originals: tensors (also saved above) or callables
     ctx.dtype = dtype
-    ctx.cfg = (ffn_activation, scl_activation, scale, level)
+    ctx.cfg = (ffn_activation, scl_activation, scale, level, placement)
 
 
 def saved_for_recompute(ctx):
@@ -165,7 +186,7 @@ class SCLFFNRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
-                ffn_activation, scl_activation, scale, level):
+                ffn_activation, scl_activation, scale, level, placement):
         dt = x.dtype
         pre1, pre2 = frozen_pre_activations(x, up_w, up_b, gate_w, gate_b)
         h = act(pre1, ffn_activation)
@@ -174,16 +195,16 @@ class SCLFFNRecompute(torch.autograd.Function):
         p = F.linear(h, C.to(dt), _c(bc, dt))
         sp = act(p, scl_activation)
         wd = resolve(down_w).to(dt)
-        y = down_with_lowrank(h, sp, wd, E, be, down_b, scale)
+        y = down_with_lowrank(h, sp, wd, E, be, down_b, scale, placement)
         del h, sp, wd
         save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
-                           ffn_activation, scl_activation, scale, level, dt)
+                           ffn_activation, scl_activation, scale, level, dt, placement)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be = saved_for_recompute(ctx)
-        ffn_activation, scl_activation, scale, level = ctx.cfg
+        ffn_activation, scl_activation, scale, level, placement = ctx.cfg
         nig = ctx.needs_input_grad
         dy = dy.contiguous().to(ctx.dtype)
         if level == 2:
@@ -192,7 +213,7 @@ class SCLFFNRecompute(torch.autograd.Function):
         need_pre = any(nig[i] for i in (0, 1, 2, 3, 4))
         need = dict(C=nig[7], bc=nig[8], E=nig[9], be=nig[10], wd=nig[5], bd=nig[6], pre=need_pre)
         g = scl_backward_core(dy, x, pre1, pre2, p, wd, C, bc, E, be, ffn_activation,
-                              scl_activation, scale, need)
+                              scl_activation, scale, need, placement)
         del wd
         dx = dWu = dbu = dWg = dbg = None
         if need_pre:
@@ -202,4 +223,4 @@ class SCLFFNRecompute(torch.autograd.Function):
         dWd = None if g["dWd"] is None else g["dWd"].to(down_w.dtype)
         dbd = None if g["dbd"] is None else g["dbd"].to(down_b.dtype)
         return (dx, dWu, dbu, dWg, dbg, dWd, dbd, g["dC"], g["dbc"], g["dE"], g["dbe"],
-                None, None, None, None)
+                None, None, None, None, None)

@@ -12,7 +12,8 @@ the list is chosen when this module is imported):
 2. ``_lowrank_p_kernel``: ``p = h C^T + bc`` and ``sigma(p)`` (``[T, r]``, r padded to 16).
 3. ``_down_kernel``: ``y = h Wd^T + s * sigma(p) M^T + bias`` with ``M = Wd E`` (``[d, r]``)
    and ``bias = bd + s * Wd be``: the compressed path is fused into the down GEMM's epilogue,
-   ``c`` is never materialised.
+   ``c`` is never materialised. The parallel placement is the same kernel with ``M = P`` and
+   ``bias = bd + s * bp``.
 
 Backward uses ``torch.matmul`` for the large plain GEMMs (``dy Wd``, ``dx = dg Wg + du Wu``,
 ``dC``, ``dE``, optional ``dWd``): these are exactly cuBLAS GEMMs without an epilogue to fuse,
@@ -28,7 +29,7 @@ import torch
 
 from .activations import ACT_CODES, act, act_grad
 from .reference import resolve
-from .scl_ffn_torch import input_and_frozen_grads, save_for_recompute, saved_for_recompute
+from .scl_ffn_torch import input_and_frozen_grads, lowrank_epilogue, save_for_recompute, saved_for_recompute
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -345,16 +346,13 @@ def lowrank_p(h, C, bc, scl_activation):
     return p, sp
 
 
-def down_lowrank(h, wd, sp, E, be, bd, scale):
+def down_lowrank(h, wd, sp, E, be, bd, scale, placement="residual"):
     T, K = h.shape
     D = wd.shape[0]
     dt = h.dtype
-    Mlr = (wd @ E.to(dt)).float().contiguous()  # [d, r]
-    bias = None
-    if be is not None:
-        bias = scale * (wd @ be.to(dt)).float()
-    if bd is not None:
-        bias = bd.float() if bias is None else bias + bd.float()
+    Mlr, bias = lowrank_epilogue(wd, E, be, bd, scale, placement, dt)
+    Mlr = Mlr.float().contiguous()  # [d, r]
+    bias = None if bias is None else bias.float()
     y = torch.empty(T, D, device=h.device, dtype=dt)
     R = sp.shape[1]
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
@@ -381,7 +379,7 @@ class SCLFFNTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
-                ffn_activation, scl_activation, scale, level):
+                ffn_activation, scl_activation, scale, level, placement):
         _check_device(x)
         dt = x.dtype
         gated = gate_w is not None
@@ -392,27 +390,29 @@ class SCLFFNTriton(torch.autograd.Function):
         del w1, w2
         p, sp = lowrank_p(h, C, bc, scl_activation)
         wd = _weight(down_w, dt)
-        y = down_lowrank(h, wd, sp, E, be, down_b, scale)
+        y = down_lowrank(h, wd, sp, E, be, down_b, scale, placement)
         del h, sp, wd
         save_for_recompute(ctx, x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be,
-                           ffn_activation, scl_activation, scale, level, dt)
+                           ffn_activation, scl_activation, scale, level, dt, placement)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, pre1, pre2, p, up_w, up_b, gate_w, gate_b, down_w, down_b, C, bc, E, be = saved_for_recompute(ctx)
-        ffn_activation, scl_activation, scale, level = ctx.cfg
+        ffn_activation, scl_activation, scale, level, placement = ctx.cfg
+        residual = placement == "residual"
         nig = ctx.needs_input_grad
         dt = ctx.dtype
         gated = gate_w is not None
         dy = dy.contiguous().to(dt)
         wd = _weight(down_w, dt)
         Et = E.to(dt)
-        dyw = dy @ wd  # [T, f]
-        # rank-r part in fp32: dz = s dy M, dp = dz * sigma'(p)
-        pf = p.float()
-        dp = (dyw @ Et).float().mul_(scale).mul_(act_grad(pf, scl_activation)).contiguous()
         need_pre = any(nig[i] for i in (0, 1, 2, 3, 4))
+        dyw = dy @ wd if (residual or need_pre) else None  # [T, f]
+        # rank-r part in fp32: dz = s dy M (residual: M = Wd E; parallel: M = P), dp = dz * sigma'(p)
+        pf = p.float()
+        dz = dyw @ Et if residual else dy @ Et
+        dp = dz.float().mul_(scale).mul_(act_grad(pf, scl_activation)).contiguous()
         bw = (dyw, dp, C) if need_pre else None
         if level == 2:
             w1, w2 = _pair(gate_w, up_w, dt)
@@ -428,15 +428,19 @@ class SCLFFNTriton(torch.autograd.Function):
             dC = (dp.t().to(dt) @ h).to(C.dtype)
         if nig[8]:
             dbc = dp.sum(0).to(bc.dtype)
+        g_out = dyw if residual else dy  # what E (or P) sees downstream
         if nig[9]:
-            dE = (dyw.t() @ sp.to(dt)).mul_(scale).to(E.dtype)
+            dE = (g_out.t() @ sp.to(dt)).mul_(scale).to(E.dtype)
         if nig[10]:
-            dbe = dyw.float().sum(0).mul_(scale).to(be.dtype)
-        del dyw
+            dbe = g_out.float().sum(0).mul_(scale).to(be.dtype)
+        del dyw, g_out
         if nig[5]:
-            c = torch.addmm(h, sp.to(dt), Et.t(), alpha=scale)
-            if be is not None:
-                c.add_(be.to(dt), alpha=scale)
+            if residual:
+                c = torch.addmm(h, sp.to(dt), Et.t(), alpha=scale)
+                if be is not None:
+                    c.add_(be.to(dt), alpha=scale)
+            else:  # the parallel branch bypasses Wd
+                c = h
             dWd = (dy.t() @ c).to(down_w.dtype)
             del c
         if nig[6]:
@@ -446,4 +450,4 @@ class SCLFFNTriton(torch.autograd.Function):
         if need_pre:
             dx, dWu, dbu, dWg, dbg = input_and_frozen_grads(
                 (nig[0], nig[1], nig[2], nig[3], nig[4]), x, d1, d2, up_w, up_b, gate_w, gate_b)
-        return (dx, dWu, dbu, dWg, dbg, dWd, dbd, dC, dbc, dE, dbe, None, None, None, None)
+        return (dx, dWu, dbu, dWg, dbg, dWd, dbd, dC, dbc, dE, dbe, None, None, None, None, None)

@@ -13,10 +13,13 @@ from torch import nn
 
 def make_scl_inputs(T: int, d: int, f: int, r: int, *, gated: bool = True, bias: bool = False,
                     train_down: bool = False, dtype=torch.float32, param_dtype=None,
-                    seed: int = 0, device="cpu", lead=None) -> Dict[str, Optional[torch.Tensor]]:
-    """Inputs of ``scl_ffn`` with O(1) activations. Frozen weights do not require grad; x,
-    C, bc, E, be (and Wd, bd with ``train_down``) do. ``E`` is random (not zero) so that
-    every gradient is exercised. Generated in fp64, then cast."""
+                    seed: int = 0, device="cpu", lead=None, placement: str = "residual",
+                    train_compress: bool = True, x_grad: bool = True) -> Dict[str, Optional[torch.Tensor]]:
+    """Inputs of ``scl_ffn`` with O(1) activations. Frozen weights do not require grad; x
+    (unless ``x_grad=False``: the first adapted layer), C, bc (unless ``train_compress=False``),
+    E, be (and Wd, bd with ``train_down``) do. ``E`` (``[f, r]``; ``[d, r]`` for the parallel
+    placement's P) is random, not zero, so that every gradient is exercised. Generated in
+    fp64, then cast."""
     g = torch.Generator().manual_seed(seed)
     param_dtype = param_dtype or dtype
 
@@ -34,10 +37,14 @@ def make_scl_inputs(T: int, d: int, f: int, r: int, *, gated: bool = True, bias:
         "down_bias": rnd(d, std=0.1) if bias else None,
         "compress_weight": rnd(r, f, std=1 / math.sqrt(f)),
         "compress_bias": rnd(r, std=0.1) if bias else None,
-        "expand_weight": rnd(f, r, std=0.5 / math.sqrt(r)),
-        "expand_bias": rnd(f, std=0.1) if bias else None,
+        "expand_weight": rnd(f if placement == "residual" else d, r, std=0.5 / math.sqrt(r)),
+        "expand_bias": rnd(f if placement == "residual" else d, std=0.1) if bias else None,
     }
-    trainable = {"x", "compress_weight", "compress_bias", "expand_weight", "expand_bias"}
+    trainable = {"expand_weight", "expand_bias"}
+    if x_grad:
+        trainable.add("x")
+    if train_compress:
+        trainable |= {"compress_weight", "compress_bias"}
     if train_down:
         trainable |= {"down_weight", "down_bias"}
     out = {}

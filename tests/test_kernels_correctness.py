@@ -36,7 +36,8 @@ ACTS = [
 ]
 
 
-def _run(inp, *, level, backend, gated, ffn_act, scl_act, callable_w=False, scale=0.7, dy=None):
+def _run(inp, *, level, backend, gated, ffn_act, scl_act, callable_w=False, scale=0.7, dy=None,
+         placement="residual"):
     args = list(as_args(inp))
     if callable_w:  # frozen weights as zero-arg callables (bitsandbytes style)
         for i, k in enumerate(ARG_ORDER):
@@ -44,10 +45,11 @@ def _run(inp, *, level, backend, gated, ffn_act, scl_act, callable_w=False, scal
                 w = args[i]
                 args[i] = (lambda w=w: w)
     if level == 0:
-        y = scl_ffn_reference(*args, ffn_activation=ffn_act, scl_activation=scl_act, scale=scale)
+        y = scl_ffn_reference(*args, ffn_activation=ffn_act, scl_activation=scl_act, scale=scale,
+                              placement=placement)
     else:
         y = scl_ffn(*args, ffn_activation=ffn_act, scl_activation=scl_act, scale=scale,
-                    checkpoint_level=level, backend=backend)
+                    checkpoint_level=level, backend=backend, placement=placement)
     leaves = [k for k in GRAD_KEYS if inp[k] is not None and inp[k].requires_grad]
     if dy is None:
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -55,14 +57,19 @@ def _run(inp, *, level, backend, gated, ffn_act, scl_act, callable_w=False, scal
     return {"y": y.detach(), **{k: g for k, g in zip(leaves, grads)}}
 
 
-def _inputs(gated, bias, train_down, dtype, param_dtype=None):
+def _inputs(gated, bias, train_down, dtype, param_dtype=None, **variant):
     return make_scl_inputs(T, D, F, R, gated=gated, bias=bias, train_down=train_down,
-                           dtype=dtype, param_dtype=param_dtype, seed=hash((gated, bias, train_down)) % 1000)
+                           dtype=dtype, param_dtype=param_dtype, seed=hash((gated, bias, train_down)) % 1000,
+                           **variant)
 
 
-def _check(backend, level, gated, ffn_act, scl_act, bias, train_down, dtype, callable_w, param_dtype=None):
-    kw = dict(gated=gated, ffn_act=ffn_act, scl_act=scl_act)
-    inp = _inputs(gated, bias, train_down, dtype, param_dtype)
+def _check(backend, level, gated, ffn_act, scl_act, bias, train_down, dtype, callable_w, param_dtype=None,
+           placement="residual", train_compress=True, x_grad=True):
+    """``train_compress`` / ``x_grad`` False: C, bc / x need no gradient (a frozen-C SCL, the
+    first adapted layer), and the kernel must neither return nor need one."""
+    kw = dict(gated=gated, ffn_act=ffn_act, scl_act=scl_act, placement=placement)
+    variant = dict(placement=placement, train_compress=train_compress, x_grad=x_grad)
+    inp = _inputs(gated, bias, train_down, dtype, param_dtype, **variant)
     out = _run(inp, level=level, backend=backend, callable_w=callable_w, **kw)
     for k, g in out.items():
         ref_dtype = inp[k].dtype if k in inp else dtype
@@ -77,7 +84,7 @@ def _check(backend, level, gated, ffn_act, scl_act, bias, train_down, dtype, cal
         return
     # half precision: bound by the same-precision reference's error against fp64
     inp64 = make_scl_inputs(T, D, F, R, gated=gated, bias=bias, train_down=train_down,
-                            dtype=torch.float64, seed=hash((gated, bias, train_down)) % 1000)
+                            dtype=torch.float64, seed=hash((gated, bias, train_down)) % 1000, **variant)
     ref64 = _run(inp64, level=0, backend="torch", **kw)
     ref_lp = _run(inp, level=0, backend="torch", **kw)
     for k in ref64:
@@ -102,17 +109,56 @@ def test_backend_matches_reference(backend, level, gated, ffn_act, scl_act, bias
     _check(backend, level, gated, ffn_act, scl_act, bias, train_down, dtype, callable_w)
 
 
+# SCL variants: the parallel placement (y += s P sigma(C h), P [d, r]) and a frozen C, alone
+# and together, with and without a gradient for x (the first adapted layer needs none)
+VARIANTS = [("parallel", True, True), ("parallel", False, True), ("residual", False, True),
+            ("parallel", False, False), ("residual", False, False), ("parallel", True, False)]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("placement,train_compress,x_grad", VARIANTS)
+@pytest.mark.parametrize("gated,ffn_act,scl_act", [ACTS[0], ACTS[2]])
+@pytest.mark.parametrize("bias,train_down", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_variants_match_reference(backend, level, placement, train_compress, x_grad, gated, ffn_act, scl_act,
+                                  bias, train_down, dtype):
+    _check(backend, level, gated, ffn_act, scl_act, bias, train_down, dtype, callable_w=bias,
+           placement=placement, train_compress=train_compress, x_grad=x_grad)
+
+
+def test_parallel_reference_is_the_formula():
+    inp = make_scl_inputs(T, D, F, R, gated=False, bias=True, placement="parallel", dtype=torch.float64)
+    a = {k: (v.detach() if v is not None else None) for k, v in inp.items()}
+    y = scl_ffn_reference(*as_args(a), ffn_activation="gelu", scl_activation="silu", scale=0.5,
+                          placement="parallel")
+    h = torch.nn.functional.gelu(a["x"] @ a["up_weight"].t() + a["up_bias"])
+    p = h @ a["compress_weight"].t() + a["compress_bias"]
+    branch = torch.nn.functional.silu(p) @ a["expand_weight"].t() + a["expand_bias"]
+    torch.testing.assert_close(y, h @ a["down_weight"].t() + a["down_bias"] + 0.5 * branch)
+
+
+@pytest.mark.parametrize("placement", ["residual", "parallel"])
+def test_expand_shape_is_checked_per_placement(placement):
+    inp = make_scl_inputs(T, D, F, R, placement="residual" if placement == "parallel" else "parallel")
+    with pytest.raises(ValueError, match=f"{placement} placement"):
+        scl_ffn(*as_args(inp), ffn_activation="silu", scl_activation="silu", placement=placement)
+
+
 @pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("gated", [True, False])
-def test_torch_backend_gradcheck_fp64(level, gated):
-    inp = make_scl_inputs(7, 6, 10, 3, gated=gated, bias=True, train_down=True, dtype=torch.float64)
+@pytest.mark.parametrize("placement", ["residual", "parallel"])
+def test_torch_backend_gradcheck_fp64(level, gated, placement):
+    inp = make_scl_inputs(7, 6, 10, 3, gated=gated, bias=True, train_down=True, dtype=torch.float64,
+                          placement=placement)
     names = [k for k in ARG_ORDER if inp[k] is not None and inp[k].requires_grad]
 
     def fn(*tensors):
         a = dict(inp)
         a.update(zip(names, tensors))
         return scl_ffn(*as_args(a), ffn_activation="gelu_tanh" if gated else "gelu",
-                       scl_activation="silu", scale=0.5, checkpoint_level=level, backend="torch")
+                       scl_activation="silu", scale=0.5, checkpoint_level=level, backend="torch",
+                       placement=placement)
 
     assert torch.autograd.gradcheck(fn, tuple(inp[k] for k in names))
 

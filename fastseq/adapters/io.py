@@ -14,24 +14,30 @@ from .. import __version__
 from .._atomic import atomic_write_bytes
 from ..config import SCLConfig
 from .registry import find_ffn_sites
-from .scl import AdapterError, get_scl_model, scl_parameter_names
+from .scl import AdapterError, get_scl_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
+def _adapter(model: nn.Module):
+    state = getattr(model, "fastseq_adapter", None)
+    if state is None:
+        raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
+    return state
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (SCL, plus down projections / heads when trained), detached copies."""
+    """The adapter's tensors (SCL, a frozen C included, plus down projections / heads when
+    trained), detached copies."""
     params = dict(model.named_parameters())
-    return {name: params[name].detach().contiguous().clone() for name in scl_parameter_names(model)}
+    return {name: params[name].detach().contiguous().clone() for name in _adapter(model).saved_names(model)}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapter of `model` to `directory` (created if needed); returns the directory."""
-    state = getattr(model, "fastseq_adapter", None)
-    if state is None:
-        raise AdapterError("model has no SCL adapter to save; call fastseq.get_scl_model first")
+    state = _adapter(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
@@ -106,7 +112,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
 
     get_scl_model(model, config, trainable_modules=meta.get("trainable_modules", []))
     params = dict(model.named_parameters())
-    expected = scl_parameter_names(model)
+    expected = _adapter(model).saved_names(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:

@@ -1,14 +1,16 @@
 """The SCL layer and its injection into Hugging Face models (DESIGN §1).
 
 `get_scl_model` finds every FFN through the registry, attaches an `SCLLayer` (C: f -> r,
-E: r -> f, E zero-initialised) to the module that computes the FFN, and routes that
-module's forward through `SCLFeedForward`, which either runs the reference math with
-the model's own modules (checkpoint level 0, any projection type) or calls the fused
-`fastseq.kernels.scl_ffn` path (levels 1 and 2).
+then E: r -> f for the residual placement or P: r -> d for the parallel one, zero-initialised)
+to the module that computes the FFN, and routes that module's forward through
+`SCLFeedForward`, which either runs the reference math with the model's own modules
+(checkpoint level 0, any projection type) or calls the fused `fastseq.kernels.scl_ffn` path
+(levels 1 and 2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,38 +36,79 @@ class AdapterError(ValueError):
 
 
 class SCLLayer(nn.Module):
-    """``c = h + s * E(sigma(C h))``: the trainable compression layer.
+    """The trainable compression layer: ``branch(h) = s * out(sigma(C h))``.
 
-    Parameters are kept in fp32 whatever the backbone's dtype (as PEFT does for LoRA);
-    the forward casts them to the activation dtype so gradients flow back in fp32.
+    * residual placement: ``out`` is E (``r -> f``, module ``expand``) and the FFN computes
+      ``Wd (h + branch(h))`` (``forward`` returns ``c = h + branch(h)``);
+    * parallel placement: ``out`` is P (``r -> d``, module ``project``) and the FFN computes
+      ``Wd h + branch(h)``.
+
+    ``out`` is zero-initialised, so the adapted model starts as the base model. C is
+    initialised like LoRA's A (Kaiming uniform); with ``generator`` (a CPU generator) the draw
+    is independent of the device and of torch's global RNG. Parameters are kept in fp32
+    whatever the backbone's dtype (as PEFT does for LoRA); the forward casts them to the
+    activation dtype so gradients flow back in fp32.
     """
 
     def __init__(self, d_ffn: int, r: int, activation: str, scale: float = 1.0, bias: bool = False,
-                 device=None):
+                 device=None, placement: str = "residual", d_model: int | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if activation not in TORCH_ACTIVATIONS:
             raise AdapterError(f"SCL activation must be one of {sorted(TORCH_ACTIVATIONS)}, got {activation!r}")
+        if placement == "parallel" and d_model is None:
+            raise AdapterError("the parallel placement needs d_model (the width of P's output)")
         self.d_ffn, self.r, self.activation, self.scale = d_ffn, r, activation, float(scale)
+        self.placement = placement
         self.compress = nn.Linear(d_ffn, r, bias=bias, device=device, dtype=torch.float32)  # C
-        self.expand = nn.Linear(r, d_ffn, bias=bias, device=device, dtype=torch.float32)  # E
-        self.reset_parameters()
+        if placement == "residual":
+            self.expand = nn.Linear(r, d_ffn, bias=bias, device=device, dtype=torch.float32)  # E
+        else:
+            self.project = nn.Linear(r, d_model, bias=bias, device=device, dtype=torch.float32)  # P
+        self.reset_parameters(generator)
 
-    def reset_parameters(self) -> None:
-        # C like LoRA's A (Kaiming uniform); E zero so the injected model starts as the base.
-        nn.init.kaiming_uniform_(self.compress.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.expand.weight)
-        for lin in (self.compress, self.expand):
+    @property
+    def out(self) -> nn.Linear:
+        """The zero-initialised layer after sigma: E (residual) or P (parallel)."""
+        return self.expand if self.placement == "residual" else self.project
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # C like LoRA's A (Kaiming uniform, a=sqrt(5): U(-1/sqrt(f), 1/sqrt(f))), drawn on the CPU
+        # so that a seed gives the same C on every device; E / P zero.
+        bound = 1.0 / math.sqrt(self.d_ffn)
+        c = torch.empty(self.compress.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        with torch.no_grad():
+            self.compress.weight.copy_(c)
+        nn.init.zeros_(self.out.weight)
+        for lin in (self.compress, self.out):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """``s * out(sigma(C h))``: ``[..., f]`` (residual) or ``[..., d]`` (parallel)."""
         dtype = h.dtype
         p = F.linear(h, self.compress.weight.to(dtype), _cast(self.compress.bias, dtype))
-        z = F.linear(TORCH_ACTIVATIONS[self.activation](p), self.expand.weight.to(dtype), _cast(self.expand.bias, dtype))
-        return h + self.scale * z
+        out = self.out
+        return self.scale * F.linear(TORCH_ACTIVATIONS[self.activation](p), out.weight.to(dtype),
+                                     _cast(out.bias, dtype))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``c = h + branch(h)`` (the residual placement's input of the down projection)."""
+        if self.placement != "residual":
+            raise AdapterError("SCLLayer.forward(h) is the residual placement's c; use branch(h) for the parallel one")
+        return h + self.branch(h)
 
     def extra_repr(self) -> str:
-        return f"d_ffn={self.d_ffn}, r={self.r}, activation={self.activation}, scale={self.scale}"
+        return (f"d_ffn={self.d_ffn}, r={self.r}, activation={self.activation}, scale={self.scale}, "
+                f"placement={self.placement}")
+
+
+def compress_generator(init_seed: int | None, site_name: str) -> torch.Generator | None:
+    """A CPU generator seeded from (init_seed, FFN name), or None (torch's global RNG)."""
+    if init_seed is None:
+        return None
+    digest = hashlib.sha256(f"{init_seed}:{site_name}:scl.compress".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -157,13 +200,14 @@ class SCLFeedForward:
 
     # reference math with the model's own modules: works for every projection type
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        site = self.site
+        site, scl = self.site, self.scl
         pre = site.up(x)
         h = site.act(site.gate(x)) * pre if site.gate is not None else site.act(pre)
-        c = self.scl(h)
         down = site.down
-        y = type(down).forward(down, c)  # the class forward: split FFNs patch down.forward to identity
-        return y
+        forward = type(down).forward  # the class forward: split FFNs patch down.forward to identity
+        if scl.placement == "parallel":
+            return forward(down, h) + scl.branch(h)
+        return forward(down, scl(h))
 
     def fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         from fastseq import kernels
@@ -175,9 +219,9 @@ class SCLFeedForward:
             frozen_weight(site.up, "up"), site.up.bias,
             frozen_weight(gate, "gate") if gate is not None else None, gate.bias if gate is not None else None,
             frozen_weight(site.down, "down"), site.down.bias,
-            scl.compress.weight, scl.compress.bias, scl.expand.weight, scl.expand.bias,
+            scl.compress.weight, scl.compress.bias, scl.out.weight, scl.out.bias,
             ffn_activation=self.ffn_activation, scl_activation=scl.activation, scale=scl.scale,
-            checkpoint_level=self.config.checkpoint_level, backend=backend,
+            checkpoint_level=self.config.checkpoint_level, backend=backend, placement=scl.placement,
         )
 
     def backend_for(self, x: torch.Tensor) -> str | None:
@@ -220,12 +264,22 @@ class AdapterState:
     trainable_modules: list[str] = field(default_factory=list)
 
     def parameter_names(self, model: nn.Module) -> list[str]:
-        """Names of every parameter the adapter trains (and saves)."""
+        """Names of every parameter the adapter trains (a frozen C is not one of them)."""
+        frozen = set() if self.config.train_compress else set(self._compress_names(model))
+        return [n for n in self.saved_names(model) if n not in frozen]
+
+    def saved_names(self, model: nn.Module) -> list[str]:
+        """What the adapter saves: every SCL parameter (a frozen C too: the adapter needs it),
+        the down projections with ``train_down_proj`` and the trainable head modules."""
         prefixes = [site.scl_prefix + "." for site in self.sites]
         if self.config.train_down_proj:
             prefixes += [_down_prefix(site) + "." for site in self.sites]
         prefixes += [name + "." for name in self.trainable_modules]
         return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+
+    def _compress_names(self, model: nn.Module) -> list[str]:
+        prefixes = tuple(site.scl_prefix + ".compress." for site in self.sites)
+        return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
 def _down_prefix(site: FFNSite) -> str:
@@ -283,7 +337,11 @@ def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[
                 f"cannot use the FFN's own activation ({type(site.act).__name__}) at {site.name} as sigma; "
                 f"set SCLConfig.activation to one of silu/gelu/gelu_tanh/relu"
             )
-        scl = SCLLayer(site.d_ffn, config.r, scl_activation, config.scale, config.bias, device=_device_of(site.up))
+        scl = SCLLayer(site.d_ffn, config.r, scl_activation, config.scale, config.bias, device=_device_of(site.up),
+                       placement=config.placement, d_model=site.d_model,
+                       generator=compress_generator(config.init_seed, site.name))
+        if not config.train_compress:
+            scl.compress.requires_grad_(False)
         entry = site.entry
         entry.scl = scl  # registered as a child: parameters named <entry>.scl.{compress,expand}.*
         entry.forward = SCLFeedForward(site, scl, config, ffn_activation)
