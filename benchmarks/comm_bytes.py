@@ -4,7 +4,9 @@ Every number is ``len(blob)`` of a real :func:`fastseq.comm.encode` of tensors w
 shapes each method shares (scales, top-k indices and the JSON header included), for one
 client and one round:
 
-* ``scl``          shares C [r, f] and E [f, r] per layer (up and down).
+* ``scl``          shares C [r, f] and E [f, r] per layer (up and down); the variants
+  ``scl-frozenC`` (E only: C is frozen at a seed-derived init and never sent),
+  ``scl-parallel`` (C and P [d, r]) and ``scl-parallel-frozenC`` (P only), all at rank r.
 * ``fedavg-lora``  shares A [r, in] and B [out, r] of every LoRA module (up and down).
 * ``ffa-lora``     shares B only (A is frozen at a seed-shared init).
 * ``fedsa-lora``   shares A only (B stays local on each client).
@@ -44,11 +46,15 @@ if str(HERE) not in sys.path:
 
 from provenance import provenance, write_results  # noqa: E402
 from fastseq import comm  # noqa: E402
+from fastseq import SCLConfig  # noqa: E402
 from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's own budget rule)
 
 SHAPES = {"tinyllama": dict(layers=22, d=2048, f=5632), "minilm": dict(layers=6, d=384, f=1536)}
 SCL_RANK = 16
-METHODS = ("scl", "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora")
+# SCL variants (label -> SCLConfig fields), all at SCL_RANK
+SCL_VARIANTS = {"scl": {}, "scl-frozenC": dict(train_compress=False), "scl-parallel": dict(placement="parallel"),
+                "scl-parallel-frozenC": dict(placement="parallel", train_compress=False)}
+METHODS = (*SCL_VARIANTS, "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora")
 CODECS = {  # label -> (codec name, params)
     "none": ("none", {}), "bf16": ("bf16", {}), "int8": ("int8", {}), "nf4": ("nf4", {}),
     "fp4": ("fp4", {}), "topk10+int8": ("int8", {"topk": 0.1}),
@@ -58,7 +64,7 @@ CODECS = {  # label -> (codec name, params)
 def lora_modules(budget: str, d: int, f: int) -> tuple[int, list[tuple[str, int, int]]]:
     """(rank, [(module name, in_features, out_features)]) per layer for a LoRA budget."""
     if budget == "matched":
-        return matched_lora_rank(SCL_RANK, d, f), [("up_proj", d, f), ("down_proj", f, d)]
+        return matched_lora_rank(2 * f * SCL_RANK, d, f), [("up_proj", d, f), ("down_proj", f, d)]
     if budget == "authors":
         return 16, [("up_proj", d, f)]
     raise ValueError(budget)
@@ -68,10 +74,15 @@ def shared_shapes(method: str, direction: str, shape: dict, budget: str):
     """{name: shape} the method sends in one direction (without the fedex residual)."""
     L, d, f = shape["layers"], shape["d"], shape["f"]
     out: dict[str, tuple[int, ...]] = {}
-    if method == "scl":
+    if method in SCL_VARIANTS:
+        cfg = SCLConfig(r=SCL_RANK, **SCL_VARIANTS[method])
         for i in range(L):
-            out[f"layers.{i}.mlp.scl.compress.weight"] = (SCL_RANK, f)
-            out[f"layers.{i}.mlp.scl.expand.weight"] = (f, SCL_RANK)
+            if cfg.train_compress:
+                out[f"layers.{i}.mlp.scl.compress.weight"] = (SCL_RANK, f)
+            if cfg.placement == "residual":
+                out[f"layers.{i}.mlp.scl.expand.weight"] = (f, SCL_RANK)
+            else:
+                out[f"layers.{i}.mlp.scl.project.weight"] = (d, SCL_RANK)
         return out, SCL_RANK
     r, mods = lora_modules(budget, d, f)
     share_a = method in ("fedavg-lora", "fedsa-lora", "fedex-lora")
@@ -87,8 +98,8 @@ def shared_shapes(method: str, direction: str, shape: dict, budget: str):
 
 def trainable_per_client(method: str, shape: dict, budget: str) -> int:
     L, d, f = shape["layers"], shape["d"], shape["f"]
-    if method == "scl":
-        return L * 2 * f * SCL_RANK
+    if method in SCL_VARIANTS:
+        return L * SCLConfig(r=SCL_RANK, **SCL_VARIANTS[method]).adapter_params_per_layer(d, f)
     r, mods = lora_modules(budget, d, f)
     per = sum(r * (fin + fout) for _, fin, fout in mods)
     if method == "ffa-lora":
@@ -128,11 +139,11 @@ def run(shapes=None, codecs=None, budgets=None, out_dir=None, accuracy=None, tar
         shape = SHAPES[sname]
         for budget in budgets:
             for method in METHODS:
-                if method == "scl" and budget != budgets[0]:
+                if method in SCL_VARIANTS and budget != budgets[0]:
                     continue  # SCL's payload does not depend on the LoRA budget
                 for codec_label in codecs:
                     row = dict(meta, shape=sname, layers=shape["layers"], d=shape["d"], f=shape["f"],
-                               budget="scl" if method == "scl" else budget, method=method, codec=codec_label)
+                               budget="scl" if method in SCL_VARIANTS else budget, method=method, codec=codec_label)
                     for direction in ("up", "down"):
                         sh, r = shared_shapes(method, direction, shape, budget)
                         b = payload_bytes(sh, codec_label, method, direction)

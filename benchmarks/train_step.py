@@ -131,7 +131,7 @@ def attach(provider: str, base, device: torch.device):
     if provider.startswith("lora"):
         import peft
 
-        r = {"lora_matched": matched_lora_rank(SCL_RANK, d, f), "lora_r16": SCL_RANK, "lora_up_r16": SCL_RANK}[provider]
+        r = {"lora_matched": matched_lora_rank(2 * f * SCL_RANK, d, f), "lora_r16": SCL_RANK, "lora_up_r16": SCL_RANK}[provider]
         targets = ["up_proj"] if provider == "lora_up_r16" else ["up_proj", "down_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                            target_modules=targets))
@@ -287,9 +287,9 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
     d, f = shape["hidden_size"], shape["intermediate_size"]
     meta = dict(provenance(device), model="tinyllama-shaped" if not smoke else "smoke", d=d, f=f,
                 layers=layers, vocab=vocab, batch=batch, seq=seq, tokens=batch * seq, reps=reps,
-                scl_rank=SCL_RANK, lora_matched_rank=matched_lora_rank(SCL_RANK, d, f))
-    print(f"budget per layer: SCL 2*f*r = {2 * f * SCL_RANK:,}; LoRA up+down r={matched_lora_rank(SCL_RANK, d, f)}: "
-          f"2*r*(d+f) = {2 * matched_lora_rank(SCL_RANK, d, f) * (d + f):,}; LoRA up+down r=16: {2 * 16 * (d + f):,}; "
+                scl_rank=SCL_RANK, lora_matched_rank=matched_lora_rank(2 * f * SCL_RANK, d, f))
+    print(f"budget per layer: SCL 2*f*r = {2 * f * SCL_RANK:,}; LoRA up+down r={matched_lora_rank(2 * f * SCL_RANK, d, f)}: "
+          f"2*r*(d+f) = {2 * matched_lora_rank(2 * f * SCL_RANK, d, f) * (d + f):,}; LoRA up+down r=16: {2 * 16 * (d + f):,}; "
           f"LoRA up r=16: {16 * (d + f):,}", flush=True)
     rows, skipped = [], []
     for backbone in backbones:

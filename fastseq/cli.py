@@ -26,9 +26,13 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--local-steps", "local_steps", int, "local optimizer steps per round"),
     ("--local-epochs", "local_epochs", float, "local epochs per round (instead of steps)"),
     ("--r", "r", int, "SCL rank (and the budget LoRA's rank is matched to)"),
+    ("--scl-placement", "scl_placement", str, "SCL placement: residual (Wd (h + s E sigma(C h))) | parallel "
+                                              "(Wd h + s P sigma(C h))"),
     ("--lora-r", "lora_r", int, "explicit LoRA rank (default: matched to SCL's budget)"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 2*lora_r)"),
     ("--lr", "lr", float, "client AdamW learning rate"),
+    ("--head-lr", "head_lr", float, "the task head's learning rate (default: --lr)"),
+    ("--scl-compress-lr", "scl_compress_lr", float, "SCL C's learning rate (default: --lr)"),
     ("--batch-size", "batch_size", int, "client micro-batch size"),
     ("--grad-accum", "grad_accum", int, "gradient accumulation steps"),
     ("--codec", "codec", str, "uplink codec: none | bf16 | int8 | nf4 | fp4"),
@@ -41,6 +45,11 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-length", "max_length", int, "max tokens per text example"),
     ("--max-examples", "max_examples", int, "cap the dataset size"),
     ("--eval-examples", "eval_examples", int, "cap the test set size"),
+    ("--validation-fraction", "validation_fraction", float, "hold out this fraction of the training data for "
+                                                            "model selection (scored as val_* every round)"),
+    ("--validation-split", "validation_split", str, "clients (from each client's data) | pooled (before "
+                                                    "partitioning)"),
+    ("--test-every", "test_every", int, "score the test split every N rounds (and the last 3)"),
     ("--server-opt", "server_opt", str, "fedavg | fedavgm | fedadam"),
     ("--server-lr", "server_lr", float, "server learning rate (default 1.0, fedadam 0.01)"),
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),
@@ -68,6 +77,11 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=key, type=typ, default=None, help=hlp)
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
                    help='train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' (see docs/deployment.md)')
+    p.add_argument("--scl-layers", dest="scl_layers", type=int, nargs="+", default=None, metavar="I",
+                   help="adapt only these layer indices with SCL (default: every FFN)")
+    p.add_argument("--scl-train-compress", dest="scl_train_compress", action=argparse.BooleanOptionalAction,
+                   default=None, help="train SCL's C (--no-scl-train-compress: C frozen at a seed-derived init, "
+                                      "never sent; only E or P trains)")
     p.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="per-client error feedback on the uplink")
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
@@ -76,7 +90,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed"]
+    keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed", "scl_layers",
+                                              "scl_train_compress"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

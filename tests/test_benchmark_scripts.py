@@ -41,7 +41,7 @@ def test_comm_bytes_smoke(tmp_path):
     cb.main(["--smoke", "--out-dir", str(tmp_path)])
     rows = _csv(tmp_path / "comm_bytes.csv")
     doc = json.loads((tmp_path / "comm_bytes.json").read_text())
-    assert len(doc["rows"]) == len(rows) == 5 * 2  # 5 methods x 2 codecs, one shape
+    assert len(doc["rows"]) == len(rows) == 8 * 2  # 4 SCL variants + 4 LoRA methods x 2 codecs, one shape
     assert (tmp_path / "comm_bytes.png").stat().st_size > 0
     for r in doc["rows"]:
         assert r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 and r["git_commit"] and r["torch"]
@@ -49,6 +49,11 @@ def test_comm_bytes_smoke(tmp_path):
     # SCL's payload is its 2*f*r values per layer; int8 is smaller than fp32
     assert by[("scl", "none")]["uplink_values"] == 6 * 2 * 1536 * 16
     assert by[("scl", "int8")]["uplink_bytes"] < by[("scl", "none")]["uplink_bytes"]
+    # the variants send E (f r), C + P (r (f + d)), P (d r) per layer: a frozen C never travels
+    assert by[("scl-frozenC", "none")]["uplink_values"] == 6 * 1536 * 16
+    assert by[("scl-parallel", "none")]["uplink_values"] == 6 * (1536 + 384) * 16
+    assert by[("scl-parallel-frozenC", "none")]["uplink_values"] == 6 * 384 * 16
+    assert by[("scl-frozenC", "none")]["trainable_params"] == by[("scl-frozenC", "none")]["uplink_values"]
     # FedEx-LoRA's downlink carries the full-rank residual
     assert by[("fedex-lora", "none")]["downlink_bytes"] > 10 * by[("fedex-lora", "none")]["uplink_bytes"]
 

@@ -113,9 +113,9 @@ def test_scl_split():
 
 
 def test_lora_budget_and_splits():
-    assert matched_lora_rank(8, 64, 172) == 6
+    assert matched_lora_rank(2 * 172 * 8, 64, 172) == 6  # SCL r=8's 2fr per layer
     fedavg = _prepared("fedavg-lora")
-    assert fedavg.lora_r == matched_lora_rank(4, 64, 172)
+    assert fedavg.lora_r == matched_lora_rank(2 * 172 * 4, 64, 172) == 3
     assert set(fedavg.shared_names()) >= set(fedavg.a_names()) | set(fedavg.b_names())
     assert any("classifier" in n for n in fedavg.shared_names())
     assert not fedavg.local_names()
@@ -154,3 +154,29 @@ def test_fedex_aggregate_is_exact():
     # FedAvg-LoRA's naive average is not exact
     assert any(not torch.allclose(out[b] @ out[a] * s, sum((wk / 6.0) * s * (c[b] @ c[a]) for c, wk in zip(clients, w)))
                for _, a, b, s in m.pairs)
+
+
+@pytest.mark.parametrize("placement,train_compress,per_layer", [
+    ("residual", True, 2 * 172 * 4), ("residual", False, 172 * 4), ("parallel", True, 4 * (172 + 64)),
+    ("parallel", False, 64 * 4)])
+def test_lora_rank_follows_the_scl_variants_trainable_count(placement, train_compress, per_layer):
+    """tiny-bert: d 64, f 172, 2 layers. LoRA (A and B) and FFA-LoRA (B only) train about what
+    the SCL variant of the same config trains."""
+    scl = _prepared("scl", scl_placement=placement, scl_train_compress=train_compress)
+    assert scl.info["adapter_params"] == 2 * per_layer == scl.info["adapter_trainable_params"]
+    for name, factors in (("fedavg-lora", 2), ("ffa-lora", 1)):
+        lora = _prepared(name, scl_placement=placement, scl_train_compress=train_compress)
+        assert lora.lora_r == max(1, round(per_layer / (factors * (64 + 172))))
+        trained = lora.info["adapter_trainable_params"]
+        assert abs(trained - 2 * per_layer) <= 2 * factors * (64 + 172) / 2, (trained, per_layer)
+
+
+def test_lr_groups_find_the_head_in_every_wrapper():
+    for name in ("scl", "fedavg-lora", "ffa-lora"):
+        m = _prepared(name, scl_train_compress=name != "scl")
+        g = m.lr_groups()
+        assert g["head"] and all("classifier" in n for n in g["head"]), name
+        assert sorted(g["head"] + g["compress"] + g["adapter"]) == sorted(m.trainable_names())
+        assert not g["compress"]  # LoRA has no C; the SCL here has a frozen one
+    scl = _prepared("scl")
+    assert {n.rsplit(".scl.", 1)[1] for n in scl.lr_groups()["compress"]} == {"compress.weight"}

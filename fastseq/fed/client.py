@@ -41,6 +41,8 @@ class TrainConfig:
     local_steps: int = 20
     local_epochs: float | None = None   # set: train this many passes over the local data instead
     lr: float = 1e-3
+    head_lr: float | None = None        # the task head's lr (None: lr)
+    compress_lr: float | None = None    # SCL's C's lr (None: lr)
     batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
@@ -63,6 +65,15 @@ class TrainConfig:
         if self.stochastic:
             p["stochastic"] = True
         return p
+
+
+def optimizer_groups(method: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the task head at ``head_lr``, SCL's C at ``compress_lr``, the
+    rest of the adapter at ``lr`` (a role whose lr is None trains at ``lr``)."""
+    params = dict(method.model.named_parameters())
+    lrs = {"head": cfg.head_lr, "compress": cfg.compress_lr, "adapter": cfg.lr}
+    return [{"params": [params[n] for n in names], "lr": cfg.lr if lrs[role] is None else lrs[role], "role": role}
+            for role, names in method.lr_groups().items() if names]
 
 
 def autocast_context(device: torch.device):
@@ -191,9 +202,9 @@ class Client:
     def train(self, steps: int, batches, anchor: dict | None) -> list[float]:
         """Local optimisation (AdamW, gradient accumulation, clipping); per-step losses."""
         cfg, model = self.train_cfg, self.rt.model
-        params = dict(model.named_parameters())
-        train_params = [params[n] for n in self.rt.method.trainable_names()]
-        opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = optimizer_groups(self.rt.method, cfg)
+        train_params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
         losses = []
         for _ in range(steps):
@@ -241,11 +252,11 @@ class Client:
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
-        """Evaluate with the client's own local state (personalised methods) on the test set."""
+        """Evaluate with the client's own local state (personalised methods) on the validation
+        examples and, in test rounds, the test set (``Runtime.evaluate``)."""
         known, local, ef_state = self._receive(downlink_blob, round, round)
         self.rt.method.load(known)
         self.rt.method.load(local)
-        metrics = self.rt.task.evaluate(self.rt.model, self.rt.eval_examples, self.rt.processor,
-                                        batch_size=self.train_cfg.eval_batch_size)
+        metrics = self.rt.evaluate(round)
         self.save_state(round, known, local, ef_state)
         return metrics

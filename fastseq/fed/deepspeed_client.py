@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from .client import Client
+from .client import Client, optimizer_groups
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "fastseq" / "torch_extensions"
 
@@ -154,11 +154,11 @@ class DeepSpeedClient(Client):
         import deepspeed
 
         cfg, model, device = self.train_cfg, self.rt.model, self.rt.device
-        params = dict(model.named_parameters())
-        train_params = [params[n] for n in self.rt.method.trainable_names()]
+        groups = optimizer_groups(self.rt.method, cfg)
+        train_params = [p for g in groups for p in g["params"]]
         for p in train_params:  # gradients left on the shared model by an earlier client
             p.grad = None
-        opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=train_params,
                                                config=self.ds.ds_config(cfg, device))
         dtype = torch.bfloat16 if self.ds.use_bf16(device) else None

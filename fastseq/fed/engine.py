@@ -152,7 +152,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
                 evs.append(clients[cid].evaluate(down, r))
             ev = {k: sum(e[k] for e in evs) / len(evs) for k in evs[0] if isinstance(evs[0][k], (int, float))}
             ev["personalized"] = True
-            ev["per_client_accuracy"] = [e.get("accuracy") for e in evs]
+            if "accuracy" in evs[0]:
+                ev["per_client_accuracy"] = [e.get("accuracy") for e in evs]
             rec["eval_downlink_bytes"] = server.bytes.summary(r)["downlink_bytes"] - down_before
         else:
             ev = server.evaluate(r)
@@ -190,7 +191,7 @@ def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progre
 
 def _line(rec: dict) -> str:
     parts = [f"round {rec['round']}"]
-    for k in ("train_loss", "eval_loss", "accuracy", "rougeL_tf", "perplexity"):
+    for k in ("train_loss", "val_accuracy", "val_rougeL_tf", "eval_loss", "accuracy", "rougeL_tf", "perplexity"):
         v = rec.get(k)
         if isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4f}")

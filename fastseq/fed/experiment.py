@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from .client import Client, TrainConfig
+from .client import Client, TrainConfig, derive_seed
 from .methods import Method, get_method, list_methods
 from .partition import PARTITIONERS, format_histogram, partition
 from .server import Server, ServerConfig
@@ -23,6 +23,7 @@ from .server_opt import SERVER_OPTS
 log = logging.getLogger("fastseq.fed")
 
 ENGINES = ("local", "flower")
+VALIDATION_SPLITS = ("clients", "pooled")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class ExperimentConfig:
     method: str = "scl"
     r: int = 8
     scl_scale: float = 1.0
+    # SCL variant (SCLConfig.placement / train_compress / layers); LoRA's matched rank follows it
+    scl_placement: str = "residual"
+    scl_train_compress: bool = True
+    scl_layers: list[int] | None = None
     train_down_proj: bool = False
     lora_r: int | None = None
     lora_alpha: float | None = None
@@ -54,6 +59,8 @@ class ExperimentConfig:
     local_steps: int = 10
     local_epochs: float | None = None
     lr: float = 5e-3
+    head_lr: float | None = None        # the task head's lr (None: lr)
+    scl_compress_lr: float | None = None  # SCL's C's lr (None: lr)
     batch_size: int = 8
     grad_accum: int = 1
     weight_decay: float = 0.0
@@ -77,6 +84,13 @@ class ExperimentConfig:
     # (see fastseq.fed.deepspeed_client.DeepSpeedConfig); None trains with plain PyTorch.
     deepspeed: dict | None = None
     eval_batch_size: int = 32
+    # Model selection: hold out this fraction of each client's training examples ("clients") or
+    # of the training set before partitioning ("pooled"); the union is scored every round as
+    # val_<metric>. The test split is never used to choose anything.
+    validation_fraction: float = 0.0
+    validation_split: str = "clients"
+    # Score the test split at round 0, every test_every rounds and at each of the last 3 rounds.
+    test_every: int = 1
     out: str | None = None
     progress: bool = True
 
@@ -114,8 +128,25 @@ class ExperimentConfig:
         except ImportError:
             QUANTIZATIONS = ("none",)
         choice("quantization", QUANTIZATIONS)
+        choice("validation_split", VALIDATION_SPLITS)
+        from ..config import PLACEMENTS
+
+        choice("scl_placement", PLACEMENTS)
+        if not isinstance(self.scl_train_compress, bool):
+            raise ConfigError(f"scl_train_compress must be true or false, got {self.scl_train_compress!r}")
+        if self.scl_layers is not None and (
+                not isinstance(self.scl_layers, (list, tuple)) or not self.scl_layers
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.scl_layers)):
+            raise ConfigError(f"scl_layers must be null or a non-empty list of layer indices >= 0, got {self.scl_layers!r}")
+        for key in ("head_lr", "scl_compress_lr"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+                raise ConfigError(f"{key} must be null (same as lr) or a positive number, got {v!r}")
+        v = self.validation_fraction
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 0.5:
+            raise ConfigError(f"validation_fraction must be a number in [0, 0.5) (e.g. 0.1), got {v!r}")
         for key in ("rounds", "clients", "clients_per_round", "r", "batch_size", "grad_accum", "min_clients",
-                    "eval_batch_size"):
+                    "eval_batch_size", "test_every"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
@@ -146,7 +177,7 @@ class ExperimentConfig:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, local_epochs=self.local_epochs, lr=self.lr,
-                           batch_size=self.batch_size, grad_accum=self.grad_accum, weight_decay=self.weight_decay,
+                           head_lr=self.head_lr, compress_lr=self.scl_compress_lr, batch_size=self.batch_size, grad_accum=self.grad_accum, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm, prox_mu=self.prox_mu, codec=self.codec,
                            block_size=self.block_size, topk=self.topk, stochastic=self.stochastic,
                            error_feedback=self.error_feedback, seed=self.seed, eval_batch_size=self.eval_batch_size)
@@ -209,6 +240,51 @@ class Runtime:
     initial_local: dict[str, torch.Tensor]
     initial_global: dict[str, torch.Tensor]
     eval_examples: list[dict]
+    val_examples: list[dict] = field(default_factory=list)
+
+    def evaluate(self, round: int | None = None) -> dict[str, Any]:
+        """Score the model as it is now: ``val_<metric>`` on the validation examples, and the
+        test metrics when ``round`` is a test round (None: always)."""
+        out: dict[str, Any] = {}
+        bs = self.cfg.eval_batch_size
+        if self.val_examples:
+            ev = self.task.evaluate(self.model, self.val_examples, self.processor, batch_size=bs)
+            out.update({f"val_{k}": v for k, v in ev.items()})
+        if round is None or is_test_round(self.cfg, round):
+            out.update(self.task.evaluate(self.model, self.eval_examples, self.processor, batch_size=bs))
+        return out
+
+
+def is_test_round(cfg: ExperimentConfig, round: int) -> bool:
+    """Round 0, every ``test_every`` rounds and each of the last 3 rounds (a study's report)."""
+    return round % cfg.test_every == 0 or round > cfg.rounds - 3
+
+
+def split_validation(cfg: ExperimentConfig, n_train: int, parts: list[list[int]] | None
+                     ) -> tuple[list[int], list[list[int]] | None]:
+    """``(validation indices, parts without them)``: a seeded ``validation_fraction`` of each
+    client's part ("clients"; at least one example per client, at least one left to train on),
+    or of the whole training set before partitioning ("pooled", ``parts`` None)."""
+    import random
+
+    rng = random.Random(derive_seed(cfg.seed, "validation"))
+    frac = cfg.validation_fraction
+    if parts is None:
+        idx = list(range(n_train))
+        rng.shuffle(idx)
+        k = max(1, round(frac * n_train))
+        return sorted(idx[:k]), None
+    val, kept = [], []
+    for part in parts:
+        if len(part) < 2:
+            raise ConfigError(f"validation_fraction={frac}: a client has {len(part)} example(s), too few to hold "
+                              "any out; raise min_client_size or use validation_split='pooled'")
+        shuffled = list(part)
+        rng.shuffle(shuffled)
+        k = min(len(part) - 1, max(1, round(frac * len(part))))
+        val += shuffled[:k]
+        kept.append(sorted(shuffled[k:]))
+    return sorted(val), kept
 
 
 def make_task(cfg: ExperimentConfig):
@@ -232,13 +308,25 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     device = resolve_device(cfg.device)
     heads = task.head_modules_for(model)
     method = get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
-                        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+                        scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,
+                        scl_layers=cfg.scl_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                        lora_dropout=cfg.lora_dropout)
     model = method.prepare(model, heads, cfg.seed)
     if cfg.quantization == "none":
         model.to(device)
     model.eval()
-    parts = partition(data.partition_keys, cfg.clients, cfg.partition, alpha=cfg.alpha,
-                      classes_per_client=cfg.classes_per_client, seed=cfg.seed, min_size=cfg.min_client_size)
+    val_idx: list[int] = []
+    keys = list(data.partition_keys)
+    pool = list(range(len(keys)))  # training indices the partitioner sees
+    if cfg.validation_fraction > 0 and cfg.validation_split == "pooled":
+        val_idx, _ = split_validation(cfg, len(keys), None)
+        held = set(val_idx)
+        pool = [i for i in pool if i not in held]
+    sub = partition([keys[i] for i in pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
+                    classes_per_client=cfg.classes_per_client, seed=cfg.seed, min_size=cfg.min_client_size)
+    parts = [[pool[i] for i in part] for part in sub]
+    if cfg.validation_fraction > 0 and cfg.validation_split == "clients":
+        val_idx, parts = split_validation(cfg, len(keys), parts)
     echo(f"partition: {cfg.partition}" + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
          + f", {cfg.clients} clients, per-client key histogram:")
     echo(format_histogram(data.partition_keys, parts, data.label_names))
@@ -249,15 +337,21 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     eval_examples = list(data.test)
     if cfg.eval_examples is not None:
         eval_examples = eval_examples[:cfg.eval_examples]
+    val_examples = [data.train[i] for i in val_idx]
+    if val_examples:
+        echo(f"validation: {len(val_examples)} training examples held out ({cfg.validation_split}); "
+             f"test: {len(eval_examples)} examples")
     return Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
-                   method.global_state(), eval_examples)
+                   method.global_state(), eval_examples, val_examples)
 
 
 def make_evaluator(rt: Runtime):
-    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The server's evaluator: the global state (with the initial local state) on the
+    validation examples every round and on the test split in test rounds."""
+    def evaluate(state: dict[str, torch.Tensor], round: int | None = None) -> dict[str, Any]:
         rt.method.load(state)
         rt.method.load(rt.initial_local)
-        return rt.task.evaluate(rt.model, rt.eval_examples, rt.processor, batch_size=rt.cfg.eval_batch_size)
+        return rt.evaluate(round)
     return evaluate
 
 

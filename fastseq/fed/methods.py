@@ -66,25 +66,41 @@ class Method(abc.ABC):
     def __init__(self, r: int = 8, scl_scale: float = 1.0, scl_activation: str | None = None,
                  train_down_proj: bool = False, checkpoint_level: int = 1, lora_r: int | None = None,
                  lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                 target_modules: Sequence[str] | None = None):
+                 target_modules: Sequence[str] | None = None, scl_placement: str = "residual",
+                 scl_train_compress: bool = True, scl_layers: Sequence[int] | None = None):
         self.r = r
         self.scl_scale, self.scl_activation = scl_scale, scl_activation
+        self.scl_placement, self.scl_train_compress = scl_placement, scl_train_compress
+        self.scl_layers = list(scl_layers) if scl_layers is not None else None
         self.train_down_proj, self.checkpoint_level = train_down_proj, checkpoint_level
         self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
         self.target_modules = list(target_modules) if target_modules else None
         self.model: nn.Module | None = None
         self.info: dict[str, Any] = {}
         self._params: dict[str, nn.Parameter] = {}
+        self.head_modules: list[str] = []
+        self.seed = 0
+
+    def scl_config(self) -> SCLConfig:
+        """The SCL configuration of this run (what ``scl`` injects, what LoRA's rank is matched to).
+        C's initialisation derives from the run's seed, so every process builds the same C."""
+        return SCLConfig(r=self.r, activation=self.scl_activation, scale=self.scl_scale,
+                         placement=self.scl_placement, train_compress=self.scl_train_compress,
+                         init_seed=self.seed, layers=self.scl_layers, train_down_proj=self.train_down_proj,
+                         checkpoint_level=self.checkpoint_level)
 
     # -- setup ---------------------------------------------------------------------------
     def prepare(self, model: nn.Module, head_modules: Sequence[str], seed: int) -> nn.Module:
         """Inject the adapter (deterministically from ``seed``) and freeze everything else."""
         torch.manual_seed(seed)
+        self.seed, self.head_modules = seed, list(head_modules)
         model = self._inject(model, list(head_modules))
         self.model = model
         self._params = dict(model.named_parameters())
         pc = count_parameters(model)
+        head = sum(self._params[n].numel() for n in self.lr_groups()["head"])
         self.info.update(method=self.name, trainable_params=pc.trainable, total_params=pc.total,
+                         adapter_trainable_params=pc.trainable - head, head_params=head,
                          shared_params=sum(self._params[n].numel() for n in self.shared_names()),
                          local_params=sum(self._params[n].numel() for n in self.local_names()))
         return model
@@ -102,6 +118,20 @@ class Method(abc.ABC):
     def local_names(self) -> list[str]:
         shared = set(self.shared_names())
         return [n for n in self.trainable_names() if n not in shared]
+
+    def lr_groups(self) -> dict[str, list[str]]:
+        """Trainable names by learning-rate role: ``head`` (the task head, whichever wrapper holds
+        it), ``compress`` (SCL's C) and ``adapter`` (everything else)."""
+        groups: dict[str, list[str]] = {"head": [], "compress": [], "adapter": []}
+        for n in self.trainable_names():
+            dotted = "." + n
+            if any(f".{h}." in dotted for h in self.head_modules):
+                groups["head"].append(n)
+            elif ".scl.compress." in dotted:
+                groups["compress"].append(n)
+            else:
+                groups["adapter"].append(n)
+        return groups
 
     # -- state ---------------------------------------------------------------------------
     def initial_extras(self) -> dict[str, torch.Tensor]:
@@ -153,12 +183,11 @@ class SCLMethod(Method):
     """Sequential Compression Layers: share C, E (+ Wd with ``train_down_proj``) + head."""
 
     def _inject(self, model, head_modules):
-        cfg = SCLConfig(r=self.r, activation=self.scl_activation, scale=self.scl_scale,
-                        train_down_proj=self.train_down_proj, checkpoint_level=self.checkpoint_level)
+        cfg = self.scl_config()
         model = get_scl_model(model, cfg, trainable_modules=head_modules)
-        self.head_names = head_modules
         sites = model.fastseq_adapter.sites
-        self.info.update(scl_r=self.r, adapter_params=sum(2 * s.d_ffn * self.r for s in sites),
+        self.info.update(scl_r=self.r, scl_placement=cfg.placement, scl_train_compress=cfg.train_compress,
+                         adapter_params=sum(cfg.adapter_params_per_layer(s.d_model, s.d_ffn) for s in sites),
                          sites=len(sites))
         return model
 
@@ -169,9 +198,19 @@ class SCLMethod(Method):
         save_adapter(self.model, directory)
 
 
-def matched_lora_rank(r_scl: int, d_model: int, d_ffn: int) -> int:
-    """LoRA rank on up+down (2*r*(d+f) per layer) closest to SCL's 2*f*r per layer."""
-    return max(1, round(r_scl * d_ffn / (d_model + d_ffn)))
+def matched_lora_rank(params_per_layer: int, d_model: int, d_ffn: int, trained_factors: int = 2) -> int:
+    """LoRA rank on up+down whose trainable count per layer, ``trained_factors * r * (d + f)``
+    (2: A and B train; 1: FFA-LoRA trains B only), is closest to ``params_per_layer`` (e.g. an
+    SCL variant's, ``SCLConfig.adapter_params_per_layer``)."""
+    return max(1, round(params_per_layer / (trained_factors * (d_model + d_ffn))))
+
+
+def scl_rank_for_budget(params_per_layer: int, d_model: int, d_ffn: int, placement: str = "residual",
+                        train_compress: bool = True) -> int:
+    """The SCL rank whose trainable count per layer is closest to ``params_per_layer`` for a
+    variant (e.g. plain SCL r=8's ``2 f r`` -> r=16 with C frozen)."""
+    per_rank = SCLConfig(r=1, placement=placement, train_compress=train_compress).adapter_params_per_layer(d_model, d_ffn)
+    return max(1, round(params_per_layer / per_rank))
 
 
 class LoRAMethod(Method):
@@ -192,10 +231,17 @@ class LoRAMethod(Method):
             targets = list(self.target_modules)
         d, f = sites[0].d_model, sites[0].d_ffn
         if self.lora_r is None:
-            self.lora_r = matched_lora_rank(self.r, d, f)
-            budget = (f"matched to SCL r={self.r}: LoRA r={self.lora_r} on up+down, "
-                      f"2*{self.lora_r}*({d}+{f})={2 * self.lora_r * (d + f)} vs SCL 2*{f}*{self.r}="
-                      f"{2 * f * self.r} per layer")
+            scl = self.scl_config()
+            # SCL's total trainable count spread over the FFNs LoRA adapts (SCLConfig.layers may
+            # adapt fewer)
+            scl_sites = [s for s in sites if scl.layers is None or s.layer in scl.layers]
+            target = round(sum(scl.adapter_params_per_layer(s.d_model, s.d_ffn) for s in scl_sites) / len(sites))
+            k = 1 if self.freeze_A else 2
+            self.lora_r = matched_lora_rank(target, d, f, k)
+            factors = "B" if self.freeze_A else "A and B"
+            budget = (f"matched to SCL r={self.r} ({scl.placement}, C {'trained' if scl.train_compress else 'frozen'}: "
+                      f"{target} per layer): LoRA r={self.lora_r} on up+down, {factors} trained, "
+                      f"{k}*{self.lora_r}*({d}+{f})={k * self.lora_r * (d + f)} per layer")
         else:
             budget = f"explicit LoRA r={self.lora_r}"
         if self.lora_alpha is None:

@@ -39,7 +39,7 @@ class ServerConfig:
 
 class Server:
     def __init__(self, method: Method, initial_state: dict[str, torch.Tensor], cfg: ServerConfig,
-                 evaluator: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+                 evaluator: Callable[[dict[str, torch.Tensor], int], dict[str, Any]] | None = None,
                  logger: Callable[[str], None] | None = None):
         self.method, self.cfg, self.evaluator = method, cfg, evaluator
         self.log = logger or log.info
@@ -135,10 +135,10 @@ class Server:
         return record
 
     def evaluate(self, round: int) -> dict[str, Any]:
-        """Evaluate the global state (non-personalised methods) with the evaluator."""
+        """Evaluate the global state (non-personalised methods): ``evaluator(state, round)``."""
         if self.evaluator is None:
             return {}
-        return self.evaluator(self.global_state)
+        return self.evaluator(self.global_state, round)
 
     def finish_round(self, record: dict[str, Any]) -> None:
         self.history.append(record)

@@ -28,8 +28,8 @@ FLOWER_KEYS: dict[str, Any] = {
     "resume": False,
 }
 
-# ExperimentConfig fields that are tables: sent as JSON strings; the value for "".
-JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None}
+# ExperimentConfig fields that are tables or lists: sent as JSON strings; the value for "".
+JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None, "scl_layers": None}
 
 APP_NAME = "fastseq-flower"
 SERVERAPP = "fastseq.flower.app:server_app"
