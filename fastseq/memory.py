@@ -295,8 +295,7 @@ def frozen_bytes(s: ModelShape, quantization: str, dtype=torch.float32, double_q
 
 def trainable_param_count(s: ModelShape, scl: SCLConfig) -> dict:
     sites = len(_scl_sites(s, scl))
-    per = 2 * s.f * scl.r + ((scl.r + s.f) if scl.bias else 0)
-    out = dict(scl=sites * per, head=0, down=0)
+    out = dict(scl=sites * scl.adapter_params_per_layer(s.d, s.f), head=0, down=0)
     if scl.train_down_proj:
         out["down"] = sites * (s.d * s.f + (0 if s.arch == "decoder" else s.d))
     if s.task != "causal-lm":
@@ -304,18 +303,23 @@ def trainable_param_count(s: ModelShape, scl: SCLConfig) -> dict:
     return out
 
 
-def _ffn_saved_elems(s: ModelShape, level: int, r: int, grad_in: bool, int8: bool) -> int:
-    """Elements (per token) one SCL FFN keeps for backward; see docs/kernels.md."""
+def _ffn_saved_elems(s: ModelShape, level: int, r: int, grad_in: bool, int8: bool,
+                     train_compress: bool = True) -> int:
+    """Elements (per token) one SCL FFN keeps for backward; see docs/kernels.md. The placement
+    does not change them (the parallel branch keeps what the residual one keeps)."""
     d, f = s.d, s.f
     if level == 1:
         return (2 * f + r) if s.gated else (f + r)
     if level == 2:
         return d + r
-    # level 0: autograd through the model's own modules
-    if grad_in:
-        elems = (4 * f + 2 * r) if s.gated else (2 * f + 2 * r)
-    else:  # nothing before the first SCL needs a gradient: only h, p, sigma(p)
-        elems = f + 2 * r
+    # level 0: autograd through the model's own modules. h (f) is kept only for dC.
+    h_for_dc = f if train_compress else 0
+    if grad_in:  # the FFN's own (act input, act output, up output / the fc1 pre-activation) + p, sigma(p)
+        elems = (3 * f if s.gated else f) + h_for_dc + 2 * r
+    elif train_compress:  # nothing before the first SCL needs a gradient: only h, p, sigma(p)
+        elems = h_for_dc + 2 * r
+    else:  # ... and with C frozen, p needs none either: sigma(p) for dE only
+        elems = r
     if int8:  # bitsandbytes' 8-bit matmul keeps its input on ctx: down's input c (+ x for gate/up)
         elems += f + (d if grad_in else 0)
     return elems
@@ -358,7 +362,8 @@ def estimate(model: Any, scl_config: SCLConfig | None = None, quantization: str 
     # trainable: SCL in fp32, head/down projection in the model dtype; grads alike
     counts = trainable_param_count(s, scl)
     param_bytes = counts["scl"] * 4 + (counts["head"] + counts["down"]) * b
-    n_tensors = len(_scl_sites(s, scl)) * (4 if scl.bias else 2) + (2 if counts["head"] else 0)
+    n_tensors = len(_scl_sites(s, scl)) * (2 if scl.bias else 1) * (2 if scl.train_compress else 1) + (
+        2 if counts["head"] else 0)
     opt_bytes = 2 * param_bytes + 4 * n_tensors if optimizer == "adamw" else 0
     trainable = 2 * param_bytes + opt_bytes
 
@@ -390,9 +395,10 @@ def estimate(model: Any, scl_config: SCLConfig | None = None, quantization: str 
         else:
             elems_b = 0
         if i in sites:
-            elems += T * _ffn_saved_elems(s, level, r, grad_in, int8)
-            if level == 0 and b != 4:  # the reference casts C (needed for dh) and E to the compute dtype
-                elems += r * f * (2 if grad_in else 1)
+            elems += T * _ffn_saved_elems(s, level, r, grad_in, int8, scl.train_compress)
+            if level == 0 and b != 4:  # the reference casts C (kept for dh) and E / P (kept for d sigma(p))
+                out_width = f if scl.placement == "residual" else d
+                elems += r * f * grad_in + r * out_width * (grad_in or scl.train_compress)
         else:  # a frozen FFN after the first SCL: act input, act output, up output (gated)
             elems += T * ((3 * f) if s.gated else f) + (T * (d + f) if int8 else 0)
         per_layer.append(elems * b + elems_b)
@@ -682,6 +688,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                                                    f"({', '.join(sorted(KNOWN_CONFIGS))})")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 8GB (binary units: 8GB = 8 GiB)")
     p.add_argument("--r", type=int, default=16, help="SCL rank (default 16)")
+    p.add_argument("--scl-placement", choices=("residual", "parallel"), default="residual",
+                   help="SCL placement (default residual)")
+    p.add_argument("--scl-train-compress", action=argparse.BooleanOptionalAction, default=True,
+                   help="train SCL's C (--no-scl-train-compress: C frozen, E or P only)")
     p.add_argument("--batch-size", type=int, default=4, help="effective batch size (default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512; vision: patches)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
@@ -701,7 +711,8 @@ def run_plan(args) -> int:
         budget = parse_bytes(args.budget)
         quants = (args.quantization,) if args.quantization else QUANTIZATIONS
         levels = (args.checkpoint_level,) if args.checkpoint_level is not None else (0, 1, 2)
-        result = plan(args.model, budget, SCLConfig(r=args.r), batch_size=args.batch_size, seq_len=args.seq_len,
+        scl = SCLConfig(r=args.r, placement=args.scl_placement, train_compress=args.scl_train_compress)
+        result = plan(args.model, budget, scl, batch_size=args.batch_size, seq_len=args.seq_len,
                       optimizer=args.optimizer, dtype=args.dtype, quantizations=quants, checkpoint_levels=levels,
                       task=args.task, num_labels=args.num_labels)
     except (MemoryModelError, ValueError) as exc:

@@ -75,6 +75,28 @@ def test_estimate_matches_measured_llama(case):
     _check(est, meas, case)
 
 
+@pytest.mark.parametrize("placement,train_compress", [("residual", False), ("parallel", True), ("parallel", False)])
+@pytest.mark.parametrize("dt,level", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 1)])
+def test_estimate_matches_measured_variants(placement, train_compress, dt, level):
+    """The SCL variants: trainable state counted from the variant's parameters, activations from
+    what it keeps (a frozen C keeps no h for dC); the placement does not change the activations."""
+    model = _llama("none", dt)
+    model.train()
+    scl = fastseq.SCLConfig(r=8, checkpoint_level=level, backend="torch", placement=placement,
+                            train_compress=train_compress)
+    fastseq.get_scl_model(model, scl)
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+    meas = measure_step(model, dict(input_ids=ids, labels=ids))
+    est = estimate(model, scl, "none", 2, 48, level, "adamw", dt)
+    _check(est, meas, (placement, train_compress, dt, level))
+    assert _rel(est.activations, meas.activations) < 1e-3 and est.trainable == meas.trainable
+    assert est.details["trainable_params"]["scl"] == fastseq.count_parameters(model).trainable
+    plain = estimate(model, fastseq.SCLConfig(r=8), "none", 2, 48, level, "adamw", dt)
+    assert est.trainable < plain.trainable  # every variant trains less than plain SCL at the same r
+    if level == 0 and not train_compress:
+        assert est.activations < plain.activations
+
+
 @pytest.mark.parametrize("q,level", [("none", 0), ("nf4", 1), ("int8", 2)])
 def test_estimate_matches_measured_siglip(q, level):
     model = _siglip(q)
