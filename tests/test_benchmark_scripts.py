@@ -79,66 +79,86 @@ def test_train_step_smoke(tmp_path):
     assert any("fused" in s["provider"] and s["reason"] for s in doc["skipped"])
 
 
-def test_accuracy_study_smoke_and_bytes_to_target(tmp_path):
+def test_accuracy_study_smoke_end_to_end_and_bytes_to_target(tmp_path):
     pytest.importorskip("fastseq.fed.engine")
     st = _load("scripts/accuracy_study.py")
-    st.main(["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
-    stem = tmp_path / "accuracy_synthetic_smoke"
+    argv = ["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    st.main(argv)
+    stem = tmp_path / "study_synthetic_smoke"
     rows = _csv(f"{stem}.csv")
     doc = json.loads(Path(f"{stem}.json").read_text())
-    assert {r["method"] for r in rows} == {"scl", "fedavg-lora"}
-    for r in doc["rows"]:
-        assert _finite(r["final_mean"]) and r["total_bytes_mean"] > 0 and r["trainable_params"] > 0
-    for c in doc["curves"]:
-        assert len(c["rounds"]) == len(c["accuracy_mean"]) == len(c["cumulative_bytes_mean"]) == 3  # rounds 0..2
-        assert c["cumulative_bytes_mean"] == sorted(c["cumulative_bytes_mean"])
-    assert "| scl |" in Path(f"{stem}.md").read_text()
-    assert Path(f"{stem}_rounds.png").stat().st_size > 0 and Path(f"{stem}_bytes.png").stat().st_size > 0
+    assert doc["head_lr"] in doc["protocol"]["head_lrs"] and len(doc["head"]["runs"]) == 2 * 1 * 2
+    assert set(doc["screen"]["chosen"]) == {"scl", "scl-frozenC", "fedavg-lora", "ffa-lora"}
+    fin = doc["finalists"]
+    assert len(fin) == 2 and st.is_scl(fin[0]) and not st.is_scl(fin[1])
+    main = [r for r in doc["rows"] if r["variant"] == "main"]
+    assert {(r["arm"], str(r["alpha"])) for r in main} == {(a, al) for a in fin for al in ("0.5", "iid")}
+    for r in main:
+        assert r["n"] == 2 and _finite(r["last3_mean"]) and r["total_bytes_mean"] > 0 and r["trainable_params"] > 0
+        assert r["lr"] == doc["lrs"][r["arm"]] and r["head_lr"] == doc["head_lr"]
+    assert {r["variant"] for r in rows} >= {"main", "full-participation", "fedavgm", "upper-layers"}
+    assert {d["alpha"] for d in doc["paired"]} == {0.5, "iid"} and all(len(d["diffs"]) == 2 for d in doc["paired"])
+    md = Path(f"{stem}.md").read_text()
+    for section in ("**Head lr**", "**Screening**", "**Final comparison**", "**Paired differences**", "**Extras**"):
+        assert section in md
+    for kind in ("rounds", "bytes", "paired"):
+        assert Path(f"{stem}_{kind}.png").stat().st_size > 0
     # comm_bytes reads the study's curves: cumulative bytes to a target accuracy
     cb = _load("benchmarks/comm_bytes.py")
-    out = cb.bytes_to_target(f"{stem}.json", None, tmp_path)
-    assert len(out) == 2 and (tmp_path / "comm_to_target_synthetic_smoke.csv").is_file()
-    goal = 0.9 * max(c["accuracy_mean"][-1] for c in doc["curves"])  # one alpha here
-    for row, c in zip(out, doc["curves"]):
-        first = next((r for r, v in zip(c["rounds"], c["accuracy_mean"]) if v >= goal), None)
-        assert row["target_accuracy"] == pytest.approx(goal) and row["round_reached"] == first
-        assert row["final_accuracy"] == c["accuracy_mean"][-1]
-    # a finished run is reused, not rerun
-    st.main(["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    out = cb.bytes_to_target(f"{stem}.json", 0.0, tmp_path)
+    assert len(out) == len(doc["curves"]) and all(r["round_reached"] == 0 for r in out)
+    # a rerun reuses every finished run
+    stamps = {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")}
+    st.main(argv)
+    assert {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")} == stamps
 
 
-def test_accuracy_study_selects_lr_at_the_selection_alpha_on_the_selection_seed(tmp_path):
-    pytest.importorskip("fastseq.fed.engine")
+def _fake_run(st, arm, lr, alpha, val, test, head_lr=None, seed=0):
+    spec = st.Spec("screen", arm, alpha, seed, lr, head_lr, {}, f"{arm}{lr}{alpha}{head_lr}")
+    hist = [dict(round=r, val_accuracy=val, accuracy=test) for r in range(4)]
+    return st.Run(spec, hist)
+
+
+def test_accuracy_study_chooses_on_validation_only():
+    """Every choice reads val_<metric>; a test split that says the opposite changes nothing."""
     st = _load("scripts/accuracy_study.py")
-    st.main(["--smoke", "--methods", "scl", "--lrs", "1e-4", "3e-2", "--select-alpha", "iid", "--codecs", "none",
-             "int8", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
-    doc = json.loads((tmp_path / "accuracy_synthetic_smoke.json").read_text())
-    sel = doc["selection"]
-    assert [(s["alpha"], s["seed"]) for s in sel] == [("iid", 0), ("iid", 0)]  # not a reported alpha or seed
-    assert sorted(s["lr"] for s in sel) == [1e-4, 3e-2]
-    best = max(sel, key=lambda s: (s["final"], -s["lr"]))  # higher accuracy wins; ties: the smaller lr
-    plain, int8 = doc["rows"]
-    assert (plain["codec"], int8["codec"]) == ("none", "int8")
-    for row in (plain, int8):  # every codec runs at the lr selected uncompressed
-        assert row["alpha"] == 0.5 and row["lr"] == best["lr"]
-    assert int8["total_bytes_mean"] < plain["total_bytes_mean"] / 2  # int8 payloads, up and down
-    assert doc["meta"]["select_alpha"] == "iid"
-    md = (tmp_path / "accuracy_synthetic_smoke.md").read_text()
-    assert "lr selection" in md and "| scl [int8 up+down] |" in md
+    runs = [_fake_run(st, "scl", 1e-3, 0.5, val=0.9, test=0.1), _fake_run(st, "scl", 1e-2, 0.5, val=0.5, test=0.99),
+            _fake_run(st, "scl", 1e-3, 0.1, val=0.7, test=0.1), _fake_run(st, "scl", 1e-2, 0.1, val=0.8, test=0.99),
+            _fake_run(st, "ffa-lora", 1e-3, 0.5, val=0.6, test=0.99), _fake_run(st, "ffa-lora", 1e-2, 0.5, val=0.6, test=0.1),
+            _fake_run(st, "fedavg-lora", 1e-3, 0.5, val=0.7, test=0.0)]
+    chosen = st.choose_lrs(runs, "accuracy")
+    assert chosen["scl"] == (1e-3, pytest.approx(0.8))  # mean over alphas: 0.8 vs 0.65
+    assert chosen["ffa-lora"][0] == 1e-3  # a tie goes to the smaller lr
+    assert st.choose_finalists(chosen, "accuracy", 1, 1) == ["scl", "fedavg-lora"]
+    heads = [_fake_run(st, "scl", 1e-3, 0.5, val=0.8, test=0.1, head_lr=1e-2),
+             _fake_run(st, "scl", 1e-3, 0.5, val=0.6, test=0.9, head_lr=3e-3),
+             _fake_run(st, "ffa-lora", 1e-3, 0.5, val=0.7, test=0.1, head_lr=1e-2),
+             _fake_run(st, "ffa-lora", 1e-3, 0.5, val=0.75, test=0.9, head_lr=3e-3)]
+    head, means = st.choose_head_lr(heads, "accuracy")
+    assert head == 1e-2 and means[1e-2] == pytest.approx(0.75)
+    assert st.test_scores(runs[0], "accuracy") == dict(last3=pytest.approx(0.1), best=0.1, final=0.1)
+
+
+def test_accuracy_study_t_interval():
+    st = _load("scripts/accuracy_study.py")
+    m, lo, hi = st.t_interval([0.01, 0.03, 0.02, 0.04, 0.00])
+    assert m == pytest.approx(0.02) and lo == pytest.approx(0.02 - 2.776 * 0.0158114 / 5 ** 0.5, abs=1e-4)
+    assert hi - m == pytest.approx(m - lo)
 
 
 @pytest.mark.parametrize("model,task,metric", [("tiny-llama", "chatterbot-qa", "rougeL_tf"),
                                                ("tiny-siglip", "synthetic-image", "accuracy")])
 def test_accuracy_study_runs_a_causal_lm_and_a_vision_task(tmp_path, model, task, metric):
-    """The study is not tied to text classification: pointed at a Q/A task it reports the
-    teacher-forced ROUGE-L, at an image task the accuracy."""
+    """The study is not tied to text classification: pointed at a Q/A task it selects and reports
+    the teacher-forced ROUGE-L, at an image task the accuracy."""
     pytest.importorskip("fastseq.fed.engine")
     if task == "chatterbot-qa":
         pytest.importorskip("chatterbot_corpus")  # the `demo` extra
     st = _load("scripts/accuracy_study.py")
-    st.main(["--smoke", "--model", model, "--task", task, "--methods", "scl", "--rounds", "1", "--out-dir",
-             str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
-    doc = json.loads((tmp_path / f"accuracy_{task}_smoke.json").read_text())
+    st.main(["--smoke", "--model", model, "--task", task, "--arms", "scl-frozenC", "--finalists-from-arms",
+             "--head-lr", "1e-2", "--lrs", "1e-2", "--alphas", "0.5", "--seeds", "1", "--until", "final",
+             "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    doc = json.loads((tmp_path / f"study_{task}_smoke.json").read_text())
     assert doc["meta"]["metric"] == metric and doc["meta"]["model"] == model
     (row,) = doc["rows"]
-    assert row["metric"] == metric and _finite(row["final_mean"]) and row["total_bytes_mean"] > 0
+    assert row["metric"] == metric and _finite(row["last3_mean"]) and row["total_bytes_mean"] > 0
