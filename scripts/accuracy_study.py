@@ -176,8 +176,8 @@ def arm_overrides(arm: str, p: dict, shape) -> dict:
     if is_scl(arm):
         budget = SCLConfig(r=p["r"]).adapter_params_per_layer(d, f)
         o["r"] = scl_rank_for_budget(budget, d, f, o.get("scl_placement", "residual"), o.get("scl_train_compress", True))
-    else:
-        o["r"] = p["r"]  # the runtime matches the LoRA rank to plain SCL at this rank
+    else:  # the runtime matches the LoRA rank to plain SCL at this rank (pinned: never a changed default)
+        o.update(r=p["r"], scl_placement="residual", scl_train_compress=True)
     return o
 
 
