@@ -51,6 +51,8 @@ def test_flower_app_project_is_in_sync():
     assert set(FLOWER_KEYS) <= expected and key_of("clients_per_round") in expected
     cfg, _ = from_run_config(app["config"])
     assert cfg.validate() is None
+    # ... and the same values as `fastseq run`'s defaults (the Flower engine aside)
+    assert dict(cfg.to_dict(), engine="local", progress=True) == ExperimentConfig().to_dict()
 
 
 def _alive(pid: int) -> bool:
