@@ -1,4 +1,4 @@
-"""`SCLConfig`: what to inject and how to run it (DESIGN §1, §2)."""
+"""`SCLConfig`: what to inject and how to run it (docs/design.md §1, §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantized backbones: bitsandbytes NF4 / int8 frozen weights under SCL (DESIGN §2).
+"""Quantized backbones: bitsandbytes NF4 / int8 frozen weights under SCL (docs/design.md §2).
 
 * `bnb_config(quantization, compute_dtype)` -> a transformers ``BitsAndBytesConfig`` for
   ``from_pretrained(..., quantization_config=...)`` (hub ids and local folders).

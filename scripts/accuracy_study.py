@@ -152,8 +152,8 @@ class Run:
     error: str | None = None
 
 
-def ffn_shape(p: dict) -> tuple[int, int, int]:
-    """(d_model, d_ffn, number of FFN layers) of the study's model."""
+def ffn_shape(p: dict) -> tuple[int, int, int, bool]:
+    """(d_model, d_ffn, number of FFN layers, whether the task has a trainable head)."""
     from fastseq.adapters import find_ffn_sites
     from fastseq.fed.experiment import make_task
     from fastseq.fed.experiment import ExperimentConfig
@@ -163,7 +163,7 @@ def ffn_shape(p: dict) -> tuple[int, int, int]:
     task = make_task(cfg)
     model, _ = load_model(p["model"], task.model_kind, num_labels=2 if task.model_kind != "causal-lm" else None)
     sites = [s for s in find_ffn_sites(model) if s.layer is not None]
-    return sites[0].d_model, sites[0].d_ffn, len(sites)
+    return sites[0].d_model, sites[0].d_ffn, len(sites), bool(task.head_modules_for(model))
 
 
 def arm_overrides(arm: str, p: dict, shape) -> dict:
@@ -171,7 +171,7 @@ def arm_overrides(arm: str, p: dict, shape) -> dict:
     from fastseq.config import SCLConfig
     from fastseq.fed.methods import scl_rank_for_budget
 
-    d, f, _ = shape
+    d, f = shape[:2]
     o = dict(ARMS[arm])
     if is_scl(arm):
         budget = SCLConfig(r=p["r"]).adapter_params_per_layer(d, f)
@@ -405,7 +405,9 @@ def study(a) -> dict:
 
     # 1. head lr
     head_lr = a.head_lr
-    if head_lr is None and len(p["head_lrs"]) > 1:
+    if not shape[3]:  # a causal LM: no task head, nothing to choose
+        head_lr = None
+    elif head_lr is None and len(p["head_lrs"]) > 1:
         specs = [mk("head", arm, p["select_alpha"], p["selection_seed"], lr, h, p["screen_rounds"])
                  for arm in p["head_arms"] for lr in p["head_arm_lrs"] for h in p["head_lrs"]]
         runs = execute(specs, jobs, "head lr")
@@ -490,7 +492,7 @@ def study(a) -> dict:
             from fastseq.fed.methods import matched_lora_rank
             from fastseq.config import SCLConfig
 
-            d, f, _ = shape
+            d, f = shape[:2]
             r_sa = 2 * matched_lora_rank(SCLConfig(r=p["r"]).adapter_params_per_layer(d, f), d, f)
             ex += [mk("extras", "fedsa-lora", al, s, chosen["fedsa-lora"][0], head_lr, p["rounds"],
                       variant="matched-bytes", lora_r=r_sa) for al, s in ex_grid]
@@ -635,7 +637,9 @@ def markdown(doc: dict, rows: list[dict], metric: str) -> str:
          f"{p['batch_size']}, {p['max_length']} tokens; {p['validation_fraction']:.0%} of each client's data held out "
          f"for validation. Every choice below reads only validation scores (mean of the last {LAST} rounds' "
          f"val_{metric}); the test split is only reported.", ""]
-    if "head" in doc:
+    if doc.get("head_lr") is None:
+        L += ["No task head (a causal LM): no head lr to choose.", ""]
+    elif "head" in doc:
         L += [f"**Head lr** (shared by every arm): {doc['head_lr']:g}; mean over arms of the best validation "
               f"{metric}: " + ", ".join(f"{h:g} -> {_fmt(v)}" for h, v in doc["head"]["mean_best_val"].items()), ""]
     if "screen" in doc:

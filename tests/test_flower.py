@@ -69,11 +69,14 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_flower_deployment_matches_local_engine(tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"scl_train_compress": False}], ids=["scl", "scl-frozenC"])
+def test_flower_deployment_matches_local_engine(tmp_path, variant):
+    """With C frozen, each SuperNode builds C in its own process and it never travels: the same
+    metrics and the same final C as the local engine say it is the same C everywhere."""
     from fastseq.flower import run_flower
 
-    emb = run_experiment(_cfg(tmp_path / "local"), echo=lambda s: None)
-    fl = run_flower(_cfg(tmp_path / "flower"), timeout=180, echo=lambda s: None)
+    emb = run_experiment(_cfg(tmp_path / "local", **variant), echo=lambda s: None)
+    fl = run_flower(_cfg(tmp_path / "flower", **variant), timeout=180, echo=lambda s: None)
 
     # every process of the deployment was stopped
     pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
@@ -106,9 +109,12 @@ def test_flower_deployment_matches_local_engine(tmp_path):
         assert set(x) == set(y)
         for k in x:
             torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+            if ".scl.compress." in k and variant:
+                assert torch.equal(y[k], x[k]), k  # a frozen C: bit for bit
     x = load_file(tmp_path / "local" / "checkpoints" / "round_2" / "server.safetensors")
     y = load_file(tmp_path / "flower" / "checkpoints" / "round_2" / "server.safetensors")
     assert set(x) == set(y)
+    assert not variant or not any(".scl.compress." in k for k in x)  # a frozen C is no global state
     for k in x:
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""The SCL FFN (reference path) against a hand-written DESIGN §1 formula: outputs and gradients."""
+"""The SCL FFN (reference path) against a hand-written docs/design.md §1 formula: outputs and gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SCL layer and its injection into Hugging Face models (DESIGN §1).
+"""The SCL layer and its injection into Hugging Face models (docs/design.md §1).
 
 `get_scl_model` finds every FFN through the registry, attaches an `SCLLayer` (C: f -> r,
 then E: r -> f for the residual placement or P: r -> d for the parallel one, zero-initialised)
