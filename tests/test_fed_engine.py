@@ -13,21 +13,13 @@ from fastseq.fed.client import Client
 from fastseq.fed.engine import Hooks, run_experiment
 from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime
 
+from fed_helpers import history, tiny_config
+
 KEYS = {"round", "method", "train_loss", "eval_loss", "accuracy", "uplink_bytes", "downlink_bytes", "clients",
         "dropped", "seconds"}
 
 
-def _cfg(tmp_path, name="run", **kw):
-    base = dict(model="tiny-llama", task="synthetic", max_examples=80, rounds=3, clients=3, clients_per_round=2,
-                partition="iid", min_client_size=4, local_steps=6, lr=1e-2, batch_size=8, r=4,
-                out=str(tmp_path / name), progress=False, eval_batch_size=64)
-    base.update(kw)
-    return ExperimentConfig.from_dict(base)
-
-
-def _history(out):
-    with open(f"{out}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+_cfg, _history = tiny_config, history
 
 
 @pytest.mark.parametrize("method", ["scl", "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora"])

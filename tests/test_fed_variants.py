@@ -15,18 +15,14 @@ from fastseq.fed.client import optimizer_groups
 from fastseq.fed.engine import run_experiment
 from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime, build_server, is_test_round
 
+from fed_helpers import history, tiny_config
+
 
 def _cfg(tmp_path, name="run", **kw):
-    base = dict(model="tiny-llama", task="synthetic", max_examples=120, rounds=3, clients=3, clients_per_round=2,
-                partition="iid", min_client_size=4, local_steps=6, lr=1e-2, batch_size=8, r=4,
-                out=str(tmp_path / name), progress=False, eval_batch_size=64)
-    base.update(kw)
-    return ExperimentConfig.from_dict(base)
+    return tiny_config(tmp_path, name, **{"max_examples": 120, **kw})
 
 
-def _history(out):
-    with open(f"{out}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+_history = history
 
 
 def _compress(model):

@@ -1,6 +1,6 @@
 """SCL variants (``placement`` residual/parallel x ``train_compress``) on every registered
-architecture: identity at init, what trains, trainable counts, save/load, fused == reference,
-and a frozen C that is the same bit for bit wherever it is built."""
+architecture: identity at init, what trains, trainable counts, save/load, and a frozen C that is
+the same bit for bit wherever it is built (fused == reference: test_fused_models.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastseq
 from fastseq import SCLConfig
 
-from tiny_models import BUILDERS, HEADS, build, inputs, loss_of, output_tensor
+from tiny_models import BUILDERS, HEADS, build, inputs, output_tensor, train_steps
 
 ARCHS = sorted(BUILDERS)
 # (placement, train_compress); ("residual", True) is plain SCL, covered by test_adapters.py
@@ -29,19 +29,6 @@ def inject(arch, placement, train_compress, level=0, backend="torch", **kw):
                     backend=backend, **kw)
     fastseq.get_scl_model(model, cfg, trainable_modules=HEADS.get(arch, ()))
     return base, model, cfg
-
-
-def _steps(model, arch, steps=2, lr=1e-2, opt_cls=torch.optim.AdamW):
-    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses, grads = [], []
-    for step in range(steps):
-        opt.zero_grad()
-        loss = loss_of(arch, model(**inputs(arch, seed=step)))
-        loss.backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        opt.step()
-    return losses, grads
 
 
 @pytest.mark.parametrize("level", (0, 1, 2))
@@ -75,7 +62,7 @@ def test_counts_and_only_intended_parameters_learn(arch, placement, train_compre
     assert fastseq.count_parameters(model).trainable == sum(per_site) + head
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, grads = _steps(model, arch)
+    _, grads = train_steps(model, arch)
     for n, p in model.named_parameters():
         assert (not torch.equal(p, before[n])) == (n in names), n
     for n in scl:  # P / E at once, C from the second step on (dC ~ E)
@@ -88,7 +75,7 @@ def test_counts_and_only_intended_parameters_learn(arch, placement, train_compre
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, placement, train_compress, tmp_path):
     _, model, _ = inject(arch, placement, train_compress, bias=True, init_seed=3)
-    _steps(model, arch)
+    train_steps(model, arch)
     fastseq.save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["scl_config"]["placement"] == placement
@@ -102,40 +89,6 @@ def test_save_load_round_trip(arch, placement, train_compress, tmp_path):
     with torch.no_grad():
         assert torch.equal(output_tensor(arch, fresh(**x)), output_tensor(arch, model(**x)))
     assert set(fastseq.scl_parameter_names(fresh)) == set(fastseq.scl_parameter_names(model))
-
-
-CASES = [(level, backend) for level in (1, 2) for backend in ("torch", "triton")]
-
-
-@pytest.mark.parametrize("level,backend", CASES)
-@pytest.mark.parametrize("placement,train_compress", VARIANTS, ids=VARIANT_IDS)
-@pytest.mark.parametrize("arch", ["llama", "siglip", "bert"])
-def test_fused_training_matches_reference(arch, placement, train_compress, level, backend):
-    def run(lvl, be):
-        _, model, _ = inject(arch, placement, train_compress, lvl, be, bias=True)
-        return _steps(model, arch, steps=3, lr=0.5, opt_cls=torch.optim.SGD)
-
-    ref_losses, ref_grads = run(0, "torch")
-    losses, grads = run(level, backend)
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    for ref, got in zip(ref_grads, grads):
-        assert ref.keys() == got.keys()
-        for name in ref:
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_parallel_with_trained_down_projection_matches_reference(backend):
-    def run(level, be):
-        _, model, _ = inject("llama", "parallel", False, level, be, train_down_proj=True)
-        return _steps(model, "llama", steps=2, lr=0.5, opt_cls=torch.optim.SGD)
-
-    ref_losses, ref_grads = run(0, "torch")
-    losses, grads = run(2, backend)
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    assert "model.layers.0.mlp.down_proj.weight" in grads[-1]
-    for name in ref_grads[-1]:
-        torch.testing.assert_close(grads[-1][name], ref_grads[-1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_parallel_reference_is_the_formula():

@@ -55,3 +55,17 @@ def output_tensor(arch: str, out) -> torch.Tensor:
 def loss_of(arch: str, out) -> torch.Tensor:
     t = output_tensor(arch, out)
     return (t.float() ** 2).mean()
+
+
+def train_steps(model, arch: str, steps: int = 2, lr: float = 1e-2, opt_cls=torch.optim.AdamW):
+    """``steps`` optimizer steps on ``loss_of``: (losses, per-step {name: grad clone})."""
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, grads = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_of(arch, model(**inputs(arch, seed=step)))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return losses, grads
