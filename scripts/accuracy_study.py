@@ -679,6 +679,24 @@ def markdown(doc: dict, rows: list[dict], metric: str) -> str:
         conv = sum(r["converged"] for r in main)
         L += ["", f"Converged (validation {metric} within {FLAT_TOL} over the last {FLAT_WINDOW} rounds): "
               f"{conv} of {sum(r['n'] for r in main)} runs.", ""]
+        budget = statistics.median(r["round_bytes_per_client"] for r in main)
+        mb = [r for r in rows if r["codec"] == "none" and r["variant"] in ("main", "matched-bytes")]
+        L += [f"**Matched bytes per round** (the budget sends about {budget / 1e3:,.0f} KB per client per round, up + "
+              "down): the same arms by what they send. An arm within 5% of the budget is at matched bytes in the "
+              "table above already; FedSA-LoRA sends A only, so its matched-bytes run doubles its rank (an extra, "
+              "when it is a finalist); FedEx-LoRA's downlink carries the full-rank residual and cannot be matched.",
+              "", "| arm | KB/round/client | vs budget | " + " | ".join(f"alpha={x}" for x in alphas) + " |",
+              "|---|---|---|" + "---|" * len(alphas)]
+        for (arm, variant) in dict.fromkeys((r["arm"], r["variant"]) for r in mb):
+            rs = {str(r["alpha"]): r for r in mb if r["arm"] == arm and r["variant"] == variant}
+            r0 = next(iter(rs.values()))
+            ratio = r0["round_bytes_per_client"] / budget
+            name = arm + (" (rank doubled)" if variant == "matched-bytes" else "")
+            L.append(f"| {name} | {r0['round_bytes_per_client'] / 1e3:,.0f} | {ratio:.2f}x"
+                     + (" (matched)" if abs(ratio - 1) <= 0.05 else "") + " | "
+                     + " | ".join(_fmt(rs[x]["last3_mean"], rs[x]["last3_std"]) if x in rs else "-" for x in alphas)
+                     + " |")
+        L.append("")
     if doc.get("paired"):
         L += [f"**Paired differences** against the best baseline at each alpha (chosen by validation), per seed: "
               f"test {metric} (last-{LAST} mean) of the arm minus the baseline's, mean and 95% t interval.", "",
