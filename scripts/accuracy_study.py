@@ -119,6 +119,8 @@ def presets(a) -> dict:
         p = dict(common, head_lrs=[3e-3, 1e-2, 3e-2], head_arm_lrs=[3e-3, 1e-2], lrs=[1e-3, 3e-3, 1e-2, 3e-2],
                  screen_alphas=[0.5, 0.1], screen_rounds=12, alphas=[0.1, 0.5, "iid"], seeds=[1, 2, 3, 4, 5],
                  rounds=20, extra_seeds=[1, 2, 3], extra_alphas=[0.1, 0.5], test_every=5, momentum_lrs=[0.3, 1.0])
+    if getattr(a, "task", None) not in (None, "bbc-news"):
+        p["task_options"] = {}  # the 30% test split is BBC News's; other tasks keep their own
     for k in list(p) + ["data_path"]:  # explicit flags win
         v = getattr(a, k, None)
         if v is not None:
@@ -780,6 +782,7 @@ def main(argv=None):
     ap.add_argument("--task")
     ap.add_argument("--model")
     ap.add_argument("--data-path")
+    ap.add_argument("--task-options", type=json.loads, help='options of the task as JSON, e.g. \'{"test_fraction": 0.3}\'')
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="arms to screen (default: all)")
     ap.add_argument("--finalists-from-arms", action="store_true",
                     help="with --arms: take the given arms as the finalists instead of the screening's top ones")
