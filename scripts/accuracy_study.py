@@ -804,6 +804,7 @@ def main(argv=None):
     ap.add_argument("--max-examples", type=int)
     ap.add_argument("--eval-examples", type=int)
     ap.add_argument("--max-length", type=int)
+    ap.add_argument("--test-every", type=int, help="final stage: score the test split every N rounds (and the last 3)")
     ap.add_argument("--metric", help="history key to select and report on (default: accuracy, rougeL_tf or eval_loss)")
     ap.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--jobs", type=int, help="runs at a time (default 2 on a CPU with 2+ cores, else 1)")
