@@ -235,7 +235,7 @@ def _run_subprocess(spec: Spec, threads: int) -> None:
     """``fastseq run --config <json>`` with ``threads`` torch threads (2 runs sharing 2 cores with
     2 threads each ran ~6x slower than with 1 each)."""
     out = Path(spec.cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     conf = out.parent / f".{spec.tag}.config.json"
     conf.write_text(json.dumps(spec.cfg))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
