@@ -7,7 +7,7 @@ import json
 import struct
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -96,7 +96,7 @@ def test_mutated_blobs(blob, ops):
 @FUZZ
 @given(st.sampled_from(VALID), OPS)
 def test_mutated_headers(blob, ops):
-    # mutations inside the JSON header (the checksum does not cover it)
+    # mutations inside the JSON header
     (hlen,) = struct.unpack("<Q", blob[:8])
     check(_mutate(blob, ops, limit=8 + hlen))
 
@@ -137,7 +137,8 @@ def _paths(obj, prefix=()):
 @FUZZ
 @given(st.sampled_from(VALID), st.integers(0, 10_000), JSON, st.booleans())
 def test_semantic_header_fuzz(blob, which, value, delete):
-    """Replace (or delete) one value anywhere in a valid fastseq header, keep the checksum valid."""
+    """Replace (or delete) one value anywhere in a valid fastseq header, checksum recomputed:
+    the header checks themselves must hold."""
     h = C.read_header(blob)
     paths = [p for p in _paths(h) if p]
     path = paths[which % len(paths)]
@@ -150,9 +151,45 @@ def test_semantic_header_fuzz(blob, which, value, delete):
         d[path[-1]] = value
     try:
         meta = json.dumps(h)
+        h["sha256"] = C.payload_digest(st_load(blob), h)
+        meta = json.dumps(h)
     except (TypeError, ValueError):
         return
     check(st_save(st_load(blob), metadata={"fastseq": meta}))
+
+
+def _canonical(h):
+    return json.dumps({k: v for k, v in h.items() if k != "sha256"}, sort_keys=True)
+
+
+@FUZZ
+@given(st.sampled_from(VALID), st.integers(0, 10_000), JSON, st.booleans())
+def test_header_mutation_breaks_the_checksum(blob, which, value, delete):
+    """Replace (or delete) any header value but the digest, keeping the old digest: decode
+    must raise PayloadError (the header is under the sha256), never return an update."""
+    h = C.read_header(blob)
+    paths = [p for p in _paths(h) if p and p != ("sha256",)]
+    path = paths[which % len(paths)]
+    before = _canonical(h)
+    d = h
+    for k in path[:-1]:
+        d = d[k]
+    if delete:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value
+    try:
+        changed = _canonical(h) != before
+        meta = json.dumps(h)
+    except (TypeError, ValueError):
+        return
+    assume(changed)
+    mutated = st_save(st_load(blob), metadata={"fastseq": meta})
+    try:
+        C.decode(mutated, max_elements=1 << 20)
+    except C.PayloadError:
+        return
+    raise AssertionError(f"header change at {path} decoded")
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32,
@@ -173,7 +210,7 @@ def test_stored_tensor_fuzz(blob, which, dtype, raw, same_shape):
     if same_shape and t.numel() >= tens[name].numel():
         t = t[: tens[name].numel()].reshape(tens[name].shape)
     tens[name] = t.clone()
-    h["sha256"] = C.payload_digest(tens)
+    h["sha256"] = C.payload_digest(tens, h)
     check(st_save(tens, metadata={"fastseq": json.dumps(h)}))
 
 

@@ -32,7 +32,7 @@ def rebuild(blob, header_fn=None, tensors_fn=None, fix_hash=True, metadata=None)
     if header_fn is not None:
         h = header_fn(h) or h
     if fix_hash:
-        h["sha256"] = C.payload_digest(st)
+        h["sha256"] = C.payload_digest(st, h)
     meta = metadata if metadata is not None else {"fastseq": json.dumps(h)}
     return st_save(st, metadata=meta)
 
@@ -65,7 +65,7 @@ def test_header_and_roundtrip(codec):
                           "codecs": [codec],
                           "tensors": {k: (tuple(v.shape), v.dtype) for k, v in x.items()}})
     h = upd.header
-    assert h["version"] == 1 and h["round"] == 3 and h["client_id"] == "client-7"
+    assert h["version"] == C.FORMAT_VERSION == 2 and h["round"] == 3 and h["client_id"] == "client-7"
     assert h["method"] == "scl" and h["direction"] == "up" and h["example_count"] == 120
     assert h["extra"] == {"loss": 0.5, "tags": ["a"]}
     assert h["codec"]["name"] == codec and isinstance(h["codec"]["params"], dict)
@@ -125,6 +125,61 @@ def test_bitflip_checksum(blob):
         C.decode(rebuild(blob, fix_hash=False, tensors_fn=lambda st: {**st, "0.q": -st["0.q"]}))
 
 
+def _v1_blob(tensors, **header):
+    """A blob as fastseq's format version 1 wrote it: the digest over the stored tensors only."""
+    import hashlib
+
+    blob = C.encode(tensors, "int8", **header)
+    st, h = st_load(blob), C.read_header(blob)
+    digest = hashlib.sha256()
+    for name in sorted(st):
+        t = st[name]
+        meta = ({torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}[t.dtype] + json.dumps(list(t.shape))).encode()
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        for part in (name.encode(), meta, data):
+            digest.update(struct.pack("<Q", len(part)) + part)
+    h.update(version=1, sha256=digest.hexdigest())
+    return st_save(st, metadata={"fastseq": json.dumps(h)})
+
+
+@pytest.mark.parametrize("path,value", [
+    (("round",), 4), (("client_id",), "client-8"), (("method",), "fedavg-lora"), (("direction",), "down"),
+    (("example_count",), 121), (("extra", "loss"), 0.25), (("tensors", 0, "name"), "layers.0.X"),
+    (("codec", "params", "block_size"), 128),
+])
+def test_checksum_covers_the_header(blob, path, value):
+    """Every header field is under the sha256: a changed field with the old digest is corrupt."""
+    with pytest.raises(C.CorruptedPayload, match="checksum"):
+        C.decode(rebuild(blob, _set(path, value), fix_hash=False))
+
+
+def test_header_change_with_a_matching_digest_decodes(blob):
+    upd = C.decode(rebuild(blob, _set(("round",), 4), fix_hash=True))
+    assert upd.round == 4
+
+
+def test_checksum_ignores_header_formatting(blob):
+    """The digest is over the header's canonical JSON: key order and whitespace do not matter."""
+    h = C.read_header(blob)
+    reordered = json.dumps(dict(reversed(list(h.items()))), indent=2)
+    C.decode(st_save(st_load(blob), metadata={"fastseq": reordered}))
+
+
+def test_version_1_is_refused_clearly():
+    x = _tensors()
+    old = _v1_blob(x, round=3, client_id="7", method="scl")
+    with pytest.raises(C.VersionMismatch, match="version 1 comes from an older fastseq.*same fastseq version"):
+        C.decode(old)
+    # the helper writes what version 1 wrote: relabelled as version 2, only the digest is off
+    (hlen,) = struct.unpack("<Q", old[:8])
+    h = json.loads(json.loads(old[8:8 + hlen])["__metadata__"]["fastseq"])
+    h["version"] = 2
+    relabelled = st_save(st_load(old), metadata={"fastseq": json.dumps(h)})
+    with pytest.raises(C.CorruptedPayload, match="checksum"):
+        C.decode(relabelled)
+    C.decode(rebuild(relabelled, fix_hash=True))
+
+
 def test_oversized_checked_before_parsing(blob):
     with pytest.raises(C.OversizedPayload, match=str(len(blob) - 1)):
         C.decode(blob, max_bytes=len(blob) - 1)
@@ -146,8 +201,8 @@ def test_decoded_size_bomb_is_refused(blob):
 
 
 def test_version_mismatch(blob):
-    with pytest.raises(C.VersionMismatch, match="version 2"):
-        C.decode(rebuild(blob, _set(("version",), 2)))
+    with pytest.raises(C.VersionMismatch, match="version 3"):
+        C.decode(rebuild(blob, _set(("version",), 3)))
     with pytest.raises(C.CorruptedPayload, match="version"):
         C.decode(rebuild(blob, _set(("version",), "1")))
 
@@ -237,7 +292,7 @@ def test_header_not_json(blob):
     with pytest.raises(C.CorruptedPayload, match="JSON object"):
         C.decode(rebuild(blob, metadata={"fastseq": "[1, 2, 3]"}))
     with pytest.raises(C.CorruptedPayload, match="lacks field"):
-        C.decode(rebuild(blob, metadata={"fastseq": json.dumps({"version": 1})}))
+        C.decode(rebuild(blob, metadata={"fastseq": json.dumps({"version": C.FORMAT_VERSION})}))
 
 
 def test_header_lying_about_shapes(blob):

@@ -4,15 +4,17 @@ Layout (standard safetensors): 8-byte little-endian header length ``N``, ``N`` b
 JSON (tensor table + ``__metadata__``), then the raw tensor data. ``__metadata__`` holds
 exactly one key, ``"fastseq"``, whose value is a JSON header::
 
-    {"version": 1, "round": 3, "client_id": "7", "method": "scl", "direction": "up",
+    {"version": 2, "round": 3, "client_id": "7", "method": "scl", "direction": "up",
      "codec": {"name": "int8", "params": {"block_size": 256, ...}},
      "tensors": [{"name": "layers.0.C", "shape": [16, 5632], "dtype": "float32",
                   "parts": {"q": "0.q", "scale": "0.scale"}}, ...],
      "example_count": 120, "extra": {}, "sha256": "<hex>"}
 
-``sha256`` covers every stored tensor (sorted by name: name, dtype, shape, data, each
-length-prefixed), not the header. :func:`decode` parses the blob itself, strictly, and
-raises only :class:`~fastseq.comm.errors.PayloadError` subclasses.
+``sha256`` covers the header (every field but ``sha256`` itself, as canonical JSON) and
+every stored tensor (sorted by name: name, dtype, shape, data, each length-prefixed), so a
+changed round, client id or tensor table is caught like a changed byte of data. Version 1
+(whose digest left the header out) is refused. :func:`decode` parses the blob itself,
+strictly, and raises only :class:`~fastseq.comm.errors.PayloadError` subclasses.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ __all__ = [
     "payload_digest",
 ]
 
-FORMAT_VERSION = 1
+# 2: the sha256 covers the header fields too (version 1 covered the tensors only)
+FORMAT_VERSION = 2
 META_KEY = "fastseq"
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB per message
 DEFAULT_MAX_ELEMENTS = 1 << 28  # decoded values per message (1 GiB of fp32)
@@ -102,10 +105,28 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def payload_digest(stored: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (hex) of stored tensors as the header's ``sha256`` field defines it: sorted
-    by name; for each, length-prefixed name, dtype code + shape, and raw little-endian data."""
+def _header_bytes(header: Mapping[str, Any]) -> bytes:
+    """The header as the digest sees it: every field but ``sha256``, canonical JSON (sorted
+    keys, no whitespace, ASCII), so the same header always hashes the same however it was
+    written."""
+    fields = {k: v for k, v in header.items() if k != "sha256"}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _new_digest(header: Mapping[str, Any]):
     h = hashlib.sha256()
+    hb = _header_bytes(header)
+    h.update(struct.pack("<Q", len(hb)))
+    h.update(hb)
+    return h
+
+
+def payload_digest(stored: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
+    """sha256 (hex) as the header's ``sha256`` field defines it: the length-prefixed
+    canonical JSON of ``header`` without its ``sha256`` field, then the stored tensors sorted
+    by name; for each, length-prefixed name, dtype code + shape, and raw little-endian data."""
+    h = _new_digest(header)
     for sname in sorted(stored):
         p = stored[sname]
         if p.dtype not in _ST_NAMES:
@@ -241,8 +262,8 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str | Codec = "none", *, 
         "method": str(method), "direction": direction,
         "codec": {"name": c.name, "params": c.params()},
         "tensors": entries, "example_count": example_count, "extra": extra,
-        "sha256": payload_digest(stored),
     }
+    header["sha256"] = payload_digest(stored, header)
     return _st_save(stored, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
 
 
@@ -325,9 +346,15 @@ def _parse_header(meta: dict) -> dict:
         raise CorruptedPayload("fastseq header must be a JSON object")
     if "version" not in h or not _is_int(h["version"]):
         raise CorruptedPayload(f"fastseq header has no integer 'version' (expected {FORMAT_VERSION})")
+    if h["version"] == 1:
+        raise VersionMismatch(
+            f"payload format version 1 comes from an older fastseq (its checksum left the header out); "
+            f"this decoder reads version {FORMAT_VERSION} only: run the same fastseq version on the server "
+            f"and every client")
     if h["version"] != FORMAT_VERSION:
         raise VersionMismatch(
-            f"payload format version {h['version']}, this decoder reads version {FORMAT_VERSION}")
+            f"payload format version {h['version']}, this decoder reads version {FORMAT_VERSION}: run the "
+            f"same fastseq version on the server and every client")
     need = {"round": int, "client_id": str, "method": str, "direction": str, "codec": dict,
             "tensors": list, "example_count": int, "extra": dict, "sha256": str}
     for k, typ in need.items():
@@ -417,8 +444,11 @@ def decode(blob, expected: Expected | Mapping | None = None, max_bytes: int = DE
 def _decode(blob, exp: Expected, exp_tensors, limit: int, elimit: int) -> Update:
     buf, data_start, table, meta = _parse_container(blob, limit)
     h = _parse_header(meta)
-    # checksum over the stored tensors
-    hsh = hashlib.sha256()
+    # checksum over the header (all but sha256) and the stored tensors
+    try:
+        hsh = _new_digest(h)
+    except (ValueError, RecursionError) as e:  # NaN/Infinity or nesting encode() would never write
+        raise CorruptedPayload(f"fastseq header holds a value JSON cannot carry: {e}") from None
     mv = memoryview(buf)
     for sname in sorted(table):
         dt, shape, b, e = table[sname]
@@ -426,7 +456,7 @@ def _decode(blob, exp: Expected, exp_tensors, limit: int, elimit: int) -> Update
     if hsh.hexdigest() != h["sha256"]:
         raise CorruptedPayload(
             f"checksum mismatch: header says sha256 {h['sha256'][:16]:.16}..., payload hashes to "
-            f"{hsh.hexdigest()[:16]}... (corrupted in transit?)")
+            f"{hsh.hexdigest()[:16]}... (header or data corrupted in transit?)")
     _check_expected(h, exp)
     codec = _codec_from_header(h["codec"])
     # logical tensors: names, shapes, dtypes, parts
