@@ -185,7 +185,7 @@ def test_mismatched_adapter_rejected_before_touching_model(tmp_path):
     _, model, _ = inject("llama")
     fastseq.save_adapter(model, tmp_path / "llama")
     other = build("bert")
-    with pytest.raises(AdapterError, match="does not have"):
+    with pytest.raises(AdapterError, match="model_type 'llama'.*this model is 'bert'"):
         fastseq.load_adapter(other, tmp_path / "llama")
     assert getattr(other, "fastseq_adapter", None) is None
     assert not any(".scl." in n for n, _ in other.named_parameters())
@@ -196,6 +196,55 @@ def test_mismatched_adapter_rejected_before_touching_model(tmp_path):
     wider = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **dict(TEXT, intermediate_size=64)))
     with pytest.raises(AdapterError, match="d_ffn=64"):
         fastseq.load_adapter(wider, tmp_path / "llama")
+
+
+def test_adapter_config_records_the_base():
+    """adapter_config.json names the base's model_type, FFN style and FFN activation."""
+    import tempfile
+
+    for arch, style, act in [("llama", "llama-mlp", "silu"), ("gemma", "llama-mlp", "gelu_tanh"),
+                             ("bert", "bert-split", "gelu"), ("gpt2", "gpt2-conv1d", "gelu_tanh")]:
+        _, model, _ = inject(arch)
+        with tempfile.TemporaryDirectory() as d:
+            meta = json.loads((fastseq.save_adapter(model, d) / "adapter_config.json").read_text())
+        assert (meta["base_model_type"], meta["ffn_style"], meta["ffn_activation"]) == (arch, style, act)
+
+
+def test_adapter_for_another_base_with_matching_ffns_is_refused(tmp_path):
+    """A Llama adapter and a Gemma base: same FFN names and widths, another model (type and
+    activation): refused unless strict=False, which loads it with a warning."""
+    _, model, _ = inject("llama")
+    fastseq.save_adapter(model, tmp_path / "llama")
+    gemma = build("gemma")
+    with pytest.raises(AdapterError, match=r"model_type 'llama'.*'gemma'.*activation 'silu'.*'gelu_tanh'.*strict=False"):
+        fastseq.load_adapter(gemma, tmp_path / "llama")
+    assert getattr(gemma, "fastseq_adapter", None) is None
+    with pytest.warns(UserWarning, match="different base .*strict=False.*'llama'"):
+        fastseq.load_adapter(gemma, tmp_path / "llama", strict=False)
+    saved = fastseq.adapters.adapter_state_dict(model)
+    loaded = fastseq.adapters.adapter_state_dict(gemma)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # strict=False does not make impossible loads possible: the FFNs must still match
+    with pytest.raises(AdapterError, match="does not have"), pytest.warns(UserWarning, match="'bert'"):
+        fastseq.load_adapter(build("bert"), tmp_path / "llama", strict=False)
+
+
+def test_adapter_config_without_base_fields_still_loads(tmp_path):
+    """adapter_config.json files written before ffn_style / ffn_activation (and without a
+    model_type) load as before."""
+    _, model, _ = inject("llama")
+    fastseq.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    for key in ("ffn_style", "ffn_activation"):
+        del meta[key]
+    path.write_text(json.dumps(meta))
+    fastseq.load_adapter(build("llama"), tmp_path)
+    with pytest.raises(AdapterError, match="model_type 'llama'"):
+        fastseq.load_adapter(build("gemma"), tmp_path)
+    meta["base_model_type"] = None
+    path.write_text(json.dumps(meta))
+    fastseq.load_adapter(build("gemma"), tmp_path)
 
 
 def test_missing_and_damaged_adapter_files(tmp_path):

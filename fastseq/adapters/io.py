@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from .. import __version__
 from .._atomic import atomic_write_bytes
 from ..config import SCLConfig
-from .registry import find_ffn_sites
+from .registry import FFNSite, detect_activation, find_ffn_sites
 from .scl import AdapterError, get_scl_model
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,18 +36,29 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: params[name].detach().contiguous().clone() for name in _adapter(model).saved_names(model)}
 
 
+def _ffn_kind(sites: list[FFNSite]) -> tuple[str, str]:
+    """(FFN style names, FFN activations) of `sites`, comma-joined when they differ: what
+    ``adapter_config.json`` records and `load_adapter` compares."""
+    styles = sorted({s.style.name for s in sites})
+    acts = sorted({str(detect_activation(s.act)) for s in sites})
+    return ",".join(styles), ",".join(acts)
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapter of `model` to `directory` (created if needed); returns the directory."""
     state = _adapter(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
+    ffn_style, ffn_activation = _ffn_kind(state.sites)
     meta = {
         "adapter_type": "scl",
         "format_version": FORMAT_VERSION,
         "fastseq_version": __version__,
         "base_model_type": getattr(getattr(model, "config", None), "model_type", None),
         "base_model_class": type(model).__name__,
+        "ffn_style": ffn_style,
+        "ffn_activation": ffn_activation,
         "scl_config": state.config.to_dict(),
         "trainable_modules": state.trainable_modules,
         "sites": [{"name": s.name, "d_model": s.d_model, "d_ffn": s.d_ffn} for s in state.sites],
@@ -75,11 +87,33 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True) -> nn.Module:
+def _base_mismatches(meta: dict, model: nn.Module, sites: list[FFNSite]) -> list[str]:
+    """How `model` differs from the base the adapter was trained on, by what
+    ``adapter_config.json`` records (older files lack ffn_style / ffn_activation: not compared)."""
+    out = []
+    saved_type = meta.get("base_model_type")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if saved_type is not None and model_type is not None and saved_type != model_type:
+        out.append(f"model_type {saved_type!r} (a {meta.get('base_model_class')}), this model is {model_type!r} "
+                   f"(a {type(model).__name__})")
+    names = {saved["name"] for saved in meta["sites"]}
+    style, activation = _ffn_kind([s for s in sites if s.name in names] or sites)
+    if meta.get("ffn_style") not in (None, style):
+        out.append(f"FFN style {meta['ffn_style']!r}, this model's is {style!r}")
+    if meta.get("ffn_activation") not in (None, activation):
+        out.append(f"FFN activation {meta['ffn_activation']!r}, this model's is {activation!r}")
+    return out
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True,
+                 strict: bool = True) -> nn.Module:
     """Inject the saved adapter into a fresh base `model` and load its weights (in place).
 
-    The model must have the FFNs the adapter was trained on (names and widths); otherwise
-    an AdapterError says what differs and nothing is changed. With ``is_trainable=False``
+    The model must be the kind of base the adapter was trained on: the same ``model_type``,
+    FFN style and FFN activation (as ``adapter_config.json`` records them) and the same FFNs
+    (names and widths); otherwise an AdapterError says what differs and nothing is changed.
+    ``strict=False`` loads into a base of another model_type / FFN style / activation anyway,
+    with a warning (the FFN names and widths must still match). With ``is_trainable=False``
     every parameter is frozen (inference).
     """
     meta = read_adapter_config(directory)
@@ -89,7 +123,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
     config = SCLConfig.from_dict(meta["scl_config"])
 
     # Check the base model before touching it.
-    sites = {s.name: s for s in find_ffn_sites(model)}
+    found = find_ffn_sites(model)
+    mismatches = _base_mismatches(meta, model, found)
+    if mismatches:
+        what = "; ".join(mismatches)
+        if strict:
+            raise AdapterError(f"adapter in {directory!s} was trained on a different base: {what}. Load it into the "
+                               f"base it was trained on, or pass strict=False to load it anyway")
+        warnings.warn(f"loading the adapter in {directory!s} into a different base (strict=False): {what}",
+                      stacklevel=2)
+    sites = {s.name: s for s in found}
     for saved in meta["sites"]:
         site = sites.get(saved["name"])
         if site is None:
