@@ -1,4 +1,9 @@
-"""``fastseq run|compare|plan``."""
+"""``fastseq run|compare|plan``.
+
+Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
+budgets, resume targets) as one line on stderr that names the problem and the fix, with exit
+code 2; an unexpected exception keeps its traceback and says it is a bug to report (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,37 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
+
+USAGE_EXIT = 2      # a user error: the message says what to change
+BUG_EXIT = 1        # an unexpected exception: a bug in fastseq
+INTERRUPT_EXIT = 130
+
+
+class CLIError(Exception):
+    """A user error found by the command line itself (flags, paths)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message}; see `{self.prog} --help`")
+
+
+def _topk(text: str) -> int | float:
+    """--topk: an integer is a count of values, anything else a fraction in (0, 1]."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a fraction in (0, 1] such as 0.1 or a "
+                                         f"count such as 1000") from None
 
 # flag -> (config key, type, help)
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -37,7 +71,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--grad-accum", "grad_accum", int, "gradient accumulation steps"),
     ("--codec", "codec", str, "uplink codec: none | bf16 | int8 | nf4 | fp4"),
     ("--downlink-codec", "downlink_codec", str, "downlink codec"),
-    ("--topk", "topk", float, "top-k sparsification of the uplink (fraction or count)"),
+    ("--topk", "topk", _topk, "top-k sparsification of the uplink: a fraction in (0, 1] or a count >= 1"),
     ("--seed", "seed", int, "seed of every RNG"),
     ("--engine", "engine", str, "local | flower"),
     ("--out", "out", str, "output directory (default runs/<timestamp>-<method>)"),
@@ -85,7 +119,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="per-client error feedback on the uplink")
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bars")
+                   help="tqdm progress bars (default: only when stderr is a terminal)")
     return p
 
 
@@ -96,16 +130,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .fed.engine import run_experiment
+    from .fed.engine import read_run_config, run_experiment
     from .fed.experiment import ExperimentConfig, load_config_file
 
     over = _overrides(args)
     if args.resume:
         d = Path(args.resume)
-        if not (d / "config.json").is_file():
-            raise _UserError(f"cannot resume: {d} has no config.json (is it a fastseq run directory?)")
-        base = json.loads((d / "config.json").read_text())
-        base = {k: v for k, v in base.items() if k in ExperimentConfig.keys()}
+        if "out" in over and Path(over["out"]) != d:
+            raise CLIError(f"--resume {d} continues the run in {d}; leave out --out {over['out']}")
+        base = {k: v for k, v in read_run_config(d).items() if k in ExperimentConfig.keys()}
+        base.pop("progress", None)  # a resumed run decides afresh whether it is on a terminal
         if args.config:
             base.update(load_config_file(args.config))
         base.update(over)
@@ -128,36 +162,66 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 
 
 def load_history(d: Path) -> list[dict]:
+    if not d.is_dir():
+        raise CLIError(f"{d} does not exist; pass directories written by `fastseq run`" if not d.exists()
+                       else f"{d} is a file; pass directories written by `fastseq run`")
     path = d / "metrics.jsonl"
     if not path.is_file():
-        raise _UserError(f"{d} has no metrics.jsonl; pass directories written by `fastseq run`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise CLIError(f"{d} has no metrics.jsonl; pass directories written by `fastseq run`")
+    hist = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("round"), int):
+            raise CLIError(f"{path} line {i} is not a metrics record (JSON with a round); the run directory is damaged")
+        hist.append(rec)
+    if not hist:
+        raise CLIError(f"{path} is empty: the run has not finished its first round")
+    return hist
+
+
+def _run_config(d: Path) -> dict:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):  # the method name is read from metrics.jsonl then
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .fed.engine import run_seconds
     from .fed.plots import plot_runs
 
+    plot = Path(args.plot)
+    if plot.is_dir():
+        raise CLIError(f"--plot {plot} is a directory; pass a file name such as {plot / 'compare.png'}")
+    if not plot.parent.is_dir():
+        raise CLIError(f"cannot write --plot {plot}: the folder {plot.parent} does not exist; create it or pass "
+                       f"another path")
     rows, hists = [], []
     for d in map(Path, args.dirs):
         hist = load_history(d)
-        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        cfg = _run_config(d)
         metric = "accuracy" if any(isinstance(h.get("accuracy"), (int, float)) for h in hist) else "eval_loss"
         first, last = hist[0].get(metric), hist[-1].get(metric)
         up = sum(h.get("uplink_bytes", 0) for h in hist)
         down = sum(h.get("downlink_bytes", 0) + h.get("eval_downlink_bytes", 0) for h in hist)
-        secs = sum(h.get("seconds", 0) or 0 for h in hist)
         label = f"{d.name} ({cfg.get('method', hist[-1].get('method', '?'))})"
         rows.append([d.name, str(cfg.get("method", hist[-1].get("method"))), str(hist[-1]["round"]), metric,
                      _fmt(first), _fmt(last), _fmt(last - first if _num(first) and _num(last) else None),
-                     f"{up / 1e6:.3f}", f"{down / 1e6:.3f}", f"{secs:.1f}"])
+                     f"{up / 1e6:.3f}", f"{down / 1e6:.3f}", f"{run_seconds(hist):.1f}"])
         hists.append((label, hist))
     header = ["run", "method", "rounds", "metric", "round0", "final", "gain", "up MB", "down MB", "seconds"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    plot_runs(hists, args.plot)
-    print(f"plot written to {args.plot}")
+    plot_runs(hists, plot)
+    print(f"plot written to {plot}")
     return 0
 
 
@@ -169,12 +233,8 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if _num(x) else "-"
 
 
-class _UserError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastseq", description="federated fine-tuning with SCL and LoRA baselines")
+    parser = _Parser(prog="fastseq", description="federated fine-tuning with SCL and LoRA baselines")
     sub = parser.add_subparsers(dest="command")
     add_run_parser(sub)
     add_compare_parser(sub)
@@ -187,32 +247,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the input is wrong" (each message says what to do);
+    anything else is a bug."""
+    from .adapters import AdapterError, UnsupportedModelError
+    from .comm import PayloadError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelLoadError
+
+    types: list[type[BaseException]] = [CLIError, ConfigError, DataError, ModelLoadError, AdapterError,
+                                        UnsupportedModelError, PayloadError, OSError]
+    for module, name in (("quant", "QuantizationError"), ("memory", "MemoryModelError"),
+                         ("flower.deploy", "FlowerError")):
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=[name])
+        except ImportError:  # an optional part missing from this installation
+            continue
+        types.append(getattr(mod, name))
+    return tuple(types)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        text += "; check the path and its permissions"
+    return text or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("FASTSEQ_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    from .config import ConfigError
-    from .data import DataError
-
+    prog = "fastseq"
     try:
-        from .models import ModelLoadError
-    except ImportError:  # pragma: no cover
-        ModelLoadError = ConfigError  # type: ignore[misc]
-    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            where = f"fastseq {args.command}" if args.command else "fastseq"
+            raise CLIError(f"unrecognized arguments: {' '.join(unknown)}; see `{where} --help`")
+        if args.command is None:
+            parser.print_help()
+            return 0
+        prog = f"fastseq {args.command}"
         if args.command == "run":
             return cmd_run(args)
         if args.command == "compare":
             return cmd_compare(args)
-        func = getattr(args, "func", None)
-        if func is None:
-            parser.error(f"unknown command {args.command!r}")
-        return int(func(args) or 0)
-    except (_UserError, ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
-        print(f"fastseq: error: {e}", file=sys.stderr)
-        return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPT_EXIT
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return USAGE_EXIT
+        traceback.print_exc()
+        print(f"{prog}: internal error: {type(e).__name__} is a bug in fastseq, not a problem with your input; "
+              f"please report it with the command line and the traceback above", file=sys.stderr)
+        return BUG_EXIT
 
 
 if __name__ == "__main__":

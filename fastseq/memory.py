@@ -159,15 +159,22 @@ def model_shape(model: Any, task: str | None = None, num_labels: int | None = No
                 cfg = fm._tiny_text_config(model, num_labels)
             shape = _shape_from_hf_config(cfg, model, task)
         else:
+            from .models import ModelLoadError, check_model_source
+
+            known = f"one of the known configurations ({', '.join(sorted(KNOWN_CONFIGS))})"
+            try:
+                check_model_source(model)
+            except ModelLoadError as exc:
+                raise MemoryModelError(f"{exc}, or {known}") from None
             try:
                 from transformers import AutoConfig
 
                 cfg = AutoConfig.from_pretrained(model)
             except Exception as exc:
+                reason = " ".join(str(exc).split()).rstrip(".")
                 raise MemoryModelError(
-                    f"cannot read a config for {model!r} ({type(exc).__name__}: {exc}). Offline, use a local folder with "
-                    f"a config.json, a built-in tiny model, or one of the known configurations: "
-                    f"{', '.join(sorted(KNOWN_CONFIGS))}") from exc
+                    f"cannot read a config for {model!r} ({type(exc).__name__}: {reason}). Offline, use a local folder "
+                    f"with a config.json, a built-in tiny model, or {known}") from exc
             shape = _shape_from_hf_config(cfg, model, task)
     elif isinstance(model, torch.nn.Module):
         cfg = getattr(model, "config", None)
@@ -486,7 +493,8 @@ def plan(model: Any, budget_bytes: int, scl_config: SCLConfig | None = None, bat
     """The most preferred configuration whose estimate fits `budget_bytes` (see `plan_candidates`
     for the order), or the smallest one with ``fits=False`` and the shortfall."""
     if budget_bytes <= 0:
-        raise MemoryModelError(f"budget must be positive, got {budget_bytes}")
+        raise MemoryModelError(f"the budget must be more than 0 bytes, got {budget_bytes}; pass the memory the client "
+                               f"has, e.g. 8GB")
     quantizations = [check_quantization(q) for q in quantizations]
     shape = model_shape(model, kwargs.pop("task", None), kwargs.pop("num_labels", None))
     best_miss = None
@@ -707,17 +715,19 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args) -> int:
-    try:
-        budget = parse_bytes(args.budget)
-        quants = (args.quantization,) if args.quantization else QUANTIZATIONS
-        levels = (args.checkpoint_level,) if args.checkpoint_level is not None else (0, 1, 2)
-        scl = SCLConfig(r=args.r, placement=args.scl_placement, train_compress=args.scl_train_compress)
-        result = plan(args.model, budget, scl, batch_size=args.batch_size, seq_len=args.seq_len,
-                      optimizer=args.optimizer, dtype=args.dtype, quantizations=quants, checkpoint_levels=levels,
-                      task=args.task, num_labels=args.num_labels)
-    except (MemoryModelError, ValueError) as exc:
-        print(f"fastseq plan: error: {exc}")
-        return 2
+    """``fastseq plan``; a bad input raises (MemoryModelError, ConfigError, QuantizationError)
+    and the CLI prints it as one line on stderr."""
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--r", args.r),
+                        ("--num-labels", args.num_labels)):
+        if value is not None and value < 1:
+            raise MemoryModelError(f"{flag} must be an integer >= 1, got {value}")
+    budget = parse_bytes(args.budget)
+    quants = (args.quantization,) if args.quantization else QUANTIZATIONS
+    levels = (args.checkpoint_level,) if args.checkpoint_level is not None else (0, 1, 2)
+    scl = SCLConfig(r=args.r, placement=args.scl_placement, train_compress=args.scl_train_compress)
+    result = plan(args.model, budget, scl, batch_size=args.batch_size, seq_len=args.seq_len,
+                  optimizer=args.optimizer, dtype=args.dtype, quantizations=quants, checkpoint_levels=levels,
+                  task=args.task, num_labels=args.num_labels)
     c = result.estimate.config
     print(f"model {c['model']} ({c['task']}), r={c['r']}, batch {args.batch_size} x seq {args.seq_len}, "
           f"{c['optimizer']}, {c['dtype']}")

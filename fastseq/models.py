@@ -7,8 +7,10 @@ processor is a tokenizer (with a pad token) or an image processor. Quantized loa
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +26,48 @@ TINY_IMAGE_SIZE = 32
 
 class ModelLoadError(ValueError):
     """A model cannot be loaded as asked; the message says what to do."""
+
+
+# What `load_model` does about the processor (tokenizer / image processor): a task that
+# tokenizes text requires one, image tasks use one when the model has it, the synthetic
+# task ignores it (a model folder without tokenizer files is fine there).
+PROCESSOR_USES = ("required", "optional", "unused")
+
+# Files one of which a folder holds when it has a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?)?")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``owner/name`` as the Hugging Face hub spells repo ids (no ``..``, no
+    leading ``/``, ``.`` or ``~``): what is worth asking the hub (or its cache) for."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(TINY_MODELS) + list(OFFLINE_MODELS), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Raise a ModelLoadError, before anything is loaded, when `name_or_path` can only be a
+    local folder and is not a usable one (missing, a file, no config.json)."""
+    if name_or_path in TINY_MODELS:
+        return
+    source = resolve_model_source(name_or_path)
+    path = Path(source).expanduser()
+    choices = f"a folder written by save_pretrained, a hub id (owner/name) or a built-in tiny model ({', '.join(TINY_MODELS)})"
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name_or_path!r} is a file, not a model folder; pass the folder that holds "
+                                 f"its config.json ({choices})")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path!s} is not a transformers model folder (no config.json there); pass "
+                                 f"{choices}")
+    elif not looks_like_hub_id(source):
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist; pass {choices}")
 
 
 def byte_tokenizer(model_max_length: int = 512):
@@ -205,14 +249,20 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     quantization: str = "none",
     device: str | torch.device | None = None,
+    processor: str = "required",
 ):
     """Load a backbone with the head `task_kind` needs; returns ``(model, processor)``.
 
     `name_or_path`: a built-in tiny random model (see TINY_MODELS), a local folder with a
     transformers checkpoint, or a hub id (needs the hub or a populated HF cache).
+    `processor` (one of PROCESSOR_USES): ``"required"`` raises a ModelLoadError when the
+    model has no tokenizer / image processor, ``"optional"`` returns None then, ``"unused"``
+    does not load one (None; the tiny models' byte tokenizer is returned anyway).
     """
     if task_kind not in TASK_KINDS:
         raise ModelLoadError(f"task kind must be one of {TASK_KINDS}, got {task_kind!r}")
+    if processor not in PROCESSOR_USES:
+        raise ModelLoadError(f"processor must be one of {PROCESSOR_USES}, got {processor!r}")
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -220,28 +270,29 @@ def load_model(
         if quantization != "none":
             from .quant import quantize_model
 
-            model, processor = _tiny_model(name_or_path, task_kind, num_labels)
-            model = quantize_model(model, quantization, compute_dtype=dtype or torch.float32)
+            model, tiny_processor = _tiny_model(name_or_path, task_kind, num_labels)
+            # bitsandbytes places the quantized weights itself (device_map)
+            model = quantize_model(model, quantization, compute_dtype=dtype or torch.float32, device=device or "cpu")
         else:
-            model, processor = _tiny_model(name_or_path, task_kind, num_labels)
+            model, tiny_processor = _tiny_model(name_or_path, task_kind, num_labels)
             if dtype is not None:
                 model = model.to(dtype)
-        if device is not None:
-            model = model.to(device)
-        return model, processor
+            if device is not None:
+                model = model.to(device)
+        return model, tiny_processor
 
+    check_model_source(name_or_path)
+    asked = name_or_path
     name_or_path = resolve_model_source(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"{name_or_path!s} is not a transformers model folder (no config.json there). Pass a folder written by "
-            f"save_pretrained, a hub id, or one of the built-in tiny models {TINY_MODELS}"
-        )
+    _check_processor(str(path) if path.exists() else name_or_path, task_kind, processor)
     kwargs: dict = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if num_labels is not None and task_kind != "causal-lm":
         kwargs["num_labels"] = num_labels
+        # a checkpoint whose head has another number of labels gets a new head (trained anyway)
+        kwargs["ignore_mismatched_sizes"] = True
     if quantization != "none":
         from .quant import bnb_config
 
@@ -250,25 +301,67 @@ def load_model(
     try:
         model = _auto_class(task_kind).from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
     except OSError as exc:
+        reason = " ".join(str(exc).split()).rstrip(".")
         raise ModelLoadError(
-            f"cannot load {name_or_path!r}: {exc}. Without network access pass a local folder "
-            f"(e.g. one written by `save_pretrained`) or a built-in tiny model {TINY_MODELS}"
+            f"cannot load {asked!r}{_did_you_mean(asked)}: {reason}. Without network access pass a local folder "
+            f"(e.g. one written by `save_pretrained`) or a built-in tiny model ({', '.join(TINY_MODELS)})"
         ) from exc
     if quantization != "none":
         from .quant import keep_cpu_layout
 
         keep_cpu_layout(model)  # the fused path reads bitsandbytes' portable 4-bit layout
-    processor = _load_processor(str(path) if path.exists() else name_or_path, task_kind)
-    if task_kind != "image-classification":
-        ensure_pad_token(processor, model)
+    proc = None
+    if processor != "unused":
+        proc = _load_processor(str(path) if path.exists() else name_or_path, task_kind, required=processor == "required")
+    if task_kind != "image-classification" and proc is not None:
+        ensure_pad_token(proc, model)
     if device is not None and quantization == "none":
         model = model.to(device)
-    return model, processor
+    return model, proc
 
 
-def _load_processor(source: str, task_kind: str):
+def _processor_problem(source: str, task_kind: str) -> tuple[str, str]:
+    """(what a missing processor is, how to fix it), for the messages."""
+    if task_kind == "image-classification":
+        return ("image processor (preprocessor_config.json)",
+                "save the processor into the folder (processor.save_pretrained(folder))")
+    return (f"tokenizer (one of {', '.join(TOKENIZER_FILES)})",
+            "save the tokenizer into the folder (tokenizer.save_pretrained(folder)), or use a task that needs none "
+            "(--task synthetic)")
+
+
+def _has_processor_files(folder: Path, task_kind: str) -> bool:
+    if task_kind == "image-classification":
+        return (folder / "preprocessor_config.json").is_file()
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _check_processor(source: str, task_kind: str, use: str) -> None:
+    """A local folder without the tokenizer a task requires fails before its weights load."""
+    folder = Path(source).expanduser()
+    if use == "required" and folder.is_dir() and not _has_processor_files(folder, task_kind):
+        what, fix = _processor_problem(source, task_kind)
+        raise ModelLoadError(f"model folder {source} has no {what}, and this task needs one: {fix}")
+
+
+def _load_processor(source: str, task_kind: str, required: bool = True):
+    """The tokenizer (text) or image processor of `source`; None when it has none and it is
+    not `required`, else a ModelLoadError that says what is missing and what to do."""
     import transformers as tf
 
-    if task_kind == "image-classification":
-        return tf.AutoImageProcessor.from_pretrained(source)
-    return tf.AutoTokenizer.from_pretrained(source)
+    image = task_kind == "image-classification"
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not _has_processor_files(folder, task_kind):
+        if not required:
+            return None
+        _check_processor(source, task_kind, "required")
+    try:
+        return (tf.AutoImageProcessor if image else tf.AutoTokenizer).from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError, ValueError, ImportError ... for a missing or broken one
+        if not required:
+            log.warning("no processor for %s (%s: %s); going on without one", source, type(exc).__name__, exc)
+            return None
+        _, fix = _processor_problem(source, task_kind)
+        reason = " ".join(str(exc).split()).rstrip(".")
+        raise ModelLoadError(f"cannot load the {'image processor' if image else 'tokenizer'} of {source}: "
+                             f"{type(exc).__name__}: {reason}. This task needs one: {fix}") from exc

@@ -73,6 +73,9 @@ class Task(abc.ABC):
     name: str = ""
     kind: str = ""
     model_kind: str = ""          # the ``task_kind`` to pass to fastseq.models.load_model
+    # whether collate needs the model's tokenizer / image processor: "required", "optional"
+    # or "unused" (fastseq.models.load_model's ``processor`` argument)
+    processor_use: str = "required"
     metric_for_selection: str = "eval_loss"
     greater_is_better: bool = False
 

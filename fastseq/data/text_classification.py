@@ -190,6 +190,7 @@ class SyntheticTask(TextClassificationTask):
     """
 
     name = "synthetic"
+    processor_use = "unused"
 
     def __init__(self, num_classes: int = 4, vocab_size: int = 1000, seq_len: int = 32,
                  num_examples: int = 2000, marker_count: int | None = None, **options: Any) -> None:

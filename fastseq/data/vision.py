@@ -79,6 +79,7 @@ def model_image_size(model: Any) -> tuple[int, int] | None:
 
 class ImageClassificationTask(Task):
     kind = "image-classification"
+    processor_use = "optional"  # without one, collate resizes to the model's input size
     metric_for_selection = "accuracy"
     greater_is_better = True
 

@@ -4,19 +4,24 @@ client (only adapter/trainable state and local state are swapped), CPU or one GP
 ``run_experiment(cfg)`` builds everything, runs the rounds (resuming from the newest complete
 checkpoint when ``resume=True``), and writes ``config.json``, ``metrics.jsonl``,
 ``summary.json``, ``checkpoints/``, ``clients/``, ``adapter/`` and ``curves.png`` to ``cfg.out``.
+The output directory is created only once the config, data and model have loaded, and is
+removed again if the run fails before its first checkpoint (a directory that existed before
+is never removed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -76,6 +81,125 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+# What a resumed run may change: how and how long it runs, never what it computes.
+RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size")
+
+
+class AlreadyFinished(ConfigError):
+    """``resume=True`` on a run that has done all its rounds; nothing was changed."""
+
+
+def check_output_path(out: Path) -> None:
+    """The output path must be a directory or not exist yet (its parent may not exist either)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"output directory {out} cannot be created: {p} is a file; pass another --out")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"output directory {out}: {p} is not writable; pass another --out")
+            return
+
+
+def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of the run in ``out`` (ExperimentConfig keys and what the engine
+    added); a ConfigError that says what is wrong when ``out`` is not a readable run directory."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ConfigError(f"cannot resume: {out} does not exist; pass the directory of an earlier `fastseq run`"
+                          if not out.exists() else f"cannot resume: {out} is a file; pass a run directory")
+    path = out / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {out} has no config.json (is it a fastseq run directory?)")
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot resume: {path} is not valid JSON ({e}); the run directory is damaged") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume: {path} does not hold a config table; the run directory is damaged")
+    return saved
+
+
+def check_resume(cfg: ExperimentConfig, out: Path) -> Path:
+    """The checkpoint to resume ``cfg`` from in ``out``; a ConfigError when there is none, when
+    ``cfg`` differs from the run's ``config.json`` beyond RESUME_MAY_CHANGE, when it asks for
+    fewer rounds than were done, and AlreadyFinished when all rounds are done."""
+    saved = read_run_config(out)
+    now = json.loads(json.dumps(cfg.to_dict()))  # compared as config.json holds it (tuples are lists)
+    changed = [k for k in ExperimentConfig.keys() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {out} with a different config ({diffs}); resume without changing these, "
+                          f"or start a new run with another --out")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise ConfigError(f"cannot resume: {out} has no complete checkpoint (checkpoints/round_<r>/server.json); "
+                          f"start the run again")
+    done = int(CKPT_RE.fullmatch(ckpt.name).group(1))
+    if done > cfg.rounds:
+        raise ConfigError(f"cannot resume {out} with rounds={cfg.rounds}: it has already done {done} rounds; "
+                          f"pass --rounds {done} or more")
+    if done == cfg.rounds and (out / "summary.json").is_file():
+        raise AlreadyFinished(f"{out} has already finished all {done} rounds: nothing to resume, nothing was changed; "
+                              f"pass --rounds N (N > {done}) to train it further")
+    return ckpt
+
+
+@contextlib.contextmanager
+def output_directory(out: Path) -> Iterator[None]:
+    """Create ``out`` (and its missing parents) for the body; if the body fails (or is
+    interrupted) before the run's first checkpoint, remove what was created here. A directory
+    that existed before is never removed."""
+    created = []
+    for p in (out, *out.parents):
+        if p.exists():
+            break
+        created.append(p)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and latest_checkpoint(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+            for parent in created[1:]:  # only while empty: another run may have written there since
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def show_progress(cfg: ExperimentConfig) -> bool:
+    """Progress bars: as ``cfg.progress`` says, or (None) only when stderr is a terminal."""
+    if cfg.progress is not None:
+        return bool(cfg.progress)
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' / huggingface_hub's own progress bars (e.g. "Loading weights") off
+    for the body when fastseq's are off, and restore them after."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def run_seconds(history: list[dict]) -> float:
+    """A run's time: the sum of its rounds' ``seconds`` (round 0's evaluation included), so it
+    covers every invocation of a resumed run. ``summary.json`` and ``fastseq compare`` report it."""
+    return float(sum(h.get("seconds") or 0 for h in history))
+
+
 class Hooks:
     """Callbacks of the local engine (tests use them to simulate crashes)."""
 
@@ -97,12 +221,18 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
-    t_start = time.time()
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"cannot resume: {out} has no complete checkpoint (checkpoints/round_<r>/server.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    rt = build_runtime(cfg, echo=echo)
+    check_output_path(out)
+    ckpt = check_resume(cfg, out) if resume else None
+    with library_progress_bars(show_progress(cfg)):
+        # Everything that can fail on the user's input fails here, before any file is written.
+        rt = build_runtime(cfg, echo=echo)
+        with output_directory(out):
+            return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
+
+
+def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
+                client_factory: Callable | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    progress = show_progress(cfg)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
                                             "resolved_model": resolve_model_source(cfg.model)})
     server = build_server(cfg, rt, logger=echo)
@@ -133,11 +263,11 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
 
     personalized = rt.method.personalized
     rounds = range(start, cfg.rounds + 1)
-    for r in tqdm(rounds, desc="rounds", disable=not cfg.progress, initial=start - 1, total=cfg.rounds):
+    for r in tqdm(rounds, desc="rounds", disable=not progress, initial=start - 1, total=cfg.rounds):
         t0 = time.time()
         plan = server.configure_round(r)
         results, failures, client_metrics = [], [], {}
-        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, cfg.progress)):
+        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress)):
             if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
                 failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
             else:
@@ -148,7 +278,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
         if personalized:
             evs = []
             for cid, down in tqdm(server.configure_evaluate(r), desc=f"round {r} eval", leave=False,
-                                  disable=not cfg.progress):
+                                  disable=not progress):
                 evs.append(clients[cid].evaluate(down, r))
             ev = {k: sum(e[k] for e in evs) / len(evs) for k in evs[0] if isinstance(evs[0][k], (int, float))}
             ev["personalized"] = True
@@ -166,8 +296,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
         echo(_line(rec))
         hooks.on_round_end(r, rec)
 
-    summary = finish(cfg, rt, server, out, time.time() - t_start, echo)
-    return summary
+    return finish(cfg, rt, server, out, echo)
 
 
 def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progress: bool) -> list:
@@ -201,7 +330,7 @@ def _line(rec: dict) -> str:
     return ", ".join(parts)
 
 
-def finish(cfg: ExperimentConfig, rt, server, out: Path, seconds: float, echo) -> dict[str, Any]:
+def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]:
     """Final adapter (the global state, and the local state of client 0 for personalised
     methods is NOT mixed in: the saved adapter is the global one), summary.json, curves.png."""
     rt.method.load(server.global_state)
@@ -220,7 +349,7 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, seconds: float, echo) -
         "uplink_bytes": sum(h.get("uplink_bytes", 0) for h in hist),
         "downlink_bytes": sum(h.get("downlink_bytes", 0) + h.get("eval_downlink_bytes", 0) for h in hist),
         "dropped": sum(len(h.get("dropped", [])) for h in hist),
-        "seconds": seconds, "method_info": _jsonable(rt.method.info), "out": str(out),
+        "seconds": run_seconds(hist), "method_info": _jsonable(rt.method.info), "out": str(out),
     }
     atomic_write_json(out / "summary.json", _jsonable(summary))
     try:
@@ -231,6 +360,6 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, seconds: float, echo) -
         echo(f"warning: could not write curves.png: {e}")
     echo(f"summary: {metric} {first:.4f} at round 0 -> {last:.4f} at round {summary['rounds']} "
          f"(gain {summary['gain']:+.4f}); uplink {summary['uplink_bytes']:,} B, downlink "
-         f"{summary['downlink_bytes']:,} B; {seconds:.1f} s; outputs in {out}"
+         f"{summary['downlink_bytes']:,} B; {summary['seconds']:.1f} s; outputs in {out}"
          if isinstance(summary["gain"], float) else f"summary: {summary}")
     return summary

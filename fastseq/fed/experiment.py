@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,28 @@ log = logging.getLogger("fastseq.fed")
 
 ENGINES = ("local", "flower")
 VALIDATION_SPLITS = ("clients", "pooled")
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+
+# How a config value's annotation reads in an error message.
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict": "a table", "list[int]": "a list of integers", "None": "null"}
+
+
+def _has_type(value: Any, typ: str) -> bool:
+    if typ == "bool":
+        return isinstance(value, bool)
+    if typ == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ == "str":
+        return isinstance(value, str)
+    if typ == "dict":
+        return isinstance(value, dict)
+    if typ.startswith("list"):
+        return isinstance(value, (list, tuple))
+    return typ == "None" and value is None
 
 
 @dataclass
@@ -92,7 +116,8 @@ class ExperimentConfig:
     # Score the test split at round 0, every test_every rounds and at each of the last 3 rounds.
     test_every: int = 1
     out: str | None = None
-    progress: bool = True
+    # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
+    progress: bool | None = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -110,8 +135,22 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _check_types(self) -> None:
+        """Every field has its annotated type (a config file can hold anything) and every
+        number is finite, so the checks below compare numbers with numbers."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            types = [t.strip() for t in str(f.type).split("|")]
+            if not any(_has_type(value, t) for t in types):
+                words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+                raise ConfigError(f"{f.name} must be {words}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
     def validate(self) -> None:
         from ..comm import CODECS
+
+        self._check_types()
 
         def choice(key, valid):
             if getattr(self, key) not in valid:
@@ -160,8 +199,34 @@ class ExperimentConfig:
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{key} must be a positive number, got {v!r}")
-        if self.prox_mu < 0:
-            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        for key, low in (("prox_mu", 0), ("weight_decay", 0), ("seed", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
+        for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{key} must be null (no limit / the default) or an integer >= 1, got {v!r}")
+        for key in ("classes_per_client", "min_client_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        for key in ("local_epochs", "lora_alpha", "max_grad_norm", "server_lr"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{key} must be null (the default) or a positive number, got {v!r}")
+        for key in ("lora_dropout", "server_momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if self.dtype is not None:
+            choice("dtype", DTYPES)
+        if not DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r} is not valid; valid values: auto, cpu, cuda, cuda:N (N = GPU index)"
+                              ", mps")
+        try:  # the uplink codec with its parameters, as every client will build it
+            from ..comm import get_codec
+
+            get_codec(self.codec, **self.train_config().codec_params())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"codec {self.codec!r} with block_size={self.block_size!r}, topk={self.topk!r}: {e}") from None
         if self.deepspeed is not None:
             from .deepspeed_client import DeepSpeedConfig
 
@@ -189,29 +254,44 @@ class ExperimentConfig:
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A TOML or YAML file -> dict (a ``[run]`` / ``run:`` table is unwrapped if present)."""
+    """A TOML, YAML or JSON file -> dict (a ``[run]`` / ``run:`` table is unwrapped if present).
+    A missing, unreadable, empty or malformed file raises a ConfigError that says so."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() == ".toml":
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass a .toml, .yaml/.yml or .json file")
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; save it as UTF-8 {suffix[1:].upper()}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}; check its permissions") from None
+    if suffix == ".toml":
         import tomllib
 
         try:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    elif p.suffix.lower() in (".yaml", ".yml"):
+    elif suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            d = yaml.safe_load(text) or {}
+            d = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
-    elif p.suffix.lower() == ".json":
-        d = json.loads(text)
     else:
-        raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
+        try:
+            d = json.loads(text) if text.strip() else None
+        except ValueError as e:
+            raise ConfigError(f"{p}: invalid JSON: {e}") from None
+    if d is None or d == {}:
+        raise ConfigError(f"config file {p} is empty; write settings in it (e.g. model = \"tiny-llama\") or leave "
+                          f"out --config")
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: the top level must be a table of keys")
     if set(d) == {"run"} and isinstance(d["run"], dict):
@@ -220,9 +300,26 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a
+    device this machine lacks raises a ConfigError that says what to use instead."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if not DEVICE_RE.fullmatch(str(name)):
+        raise ConfigError(f"device={name!r} is not valid; valid values: auto, cpu, cuda, cuda:N (N = GPU index), mps")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ConfigError(f"device={name!r} but this torch ({torch.__version__}) is a CPU-only build; use "
+                              f"--device cpu (or auto), or install a CUDA build of torch on a machine with a GPU")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r} but torch sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES?); use "
+                              f"--device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device={name!r} but this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS (Apple GPU) is not available here; use --device cpu (or auto)")
+    return dev
 
 
 @dataclass
@@ -296,16 +393,31 @@ def make_task(cfg: ExperimentConfig):
     return get_task(cfg.task, **opts)
 
 
+def check_environment(cfg: ExperimentConfig):
+    """What can be checked before loading data or a model: the config, the device, the model
+    source, bitsandbytes for a quantized backbone and the task. Returns ``(task, device)``."""
+    from ..models import check_model_source
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    check_model_source(cfg.model)
+    if cfg.quantization != "none":
+        from ..quant import check_device
+
+        check_device(cfg.quantization, device)
+    return make_task(cfg), device
+
+
 def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     from ..models import load_model
 
-    cfg.validate()
-    task = make_task(cfg)
+    task, device = check_environment(cfg)
     data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model, task.model_kind, num_labels=data.num_labels,
-                                  dtype=cfg.dtype, quantization=cfg.quantization)
-    device = resolve_device(cfg.device)
+                                  dtype=cfg.dtype, quantization=cfg.quantization, processor=task.processor_use,
+                                  # a quantized backbone is placed by bitsandbytes, on the run's device
+                                  device=device if cfg.quantization != "none" else None)
     heads = task.head_modules_for(model)
     method = get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
                         scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,

@@ -350,6 +350,16 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
 
         cfg.deepspeed = dataclasses.asdict(deepspeed) if isinstance(deepspeed, DeepSpeedConfig) else dict(deepspeed)
         cfg.validate()
+    if superlink is None:
+        # This machine runs the ServerApp and every SuperNode: what the embedded engine checks
+        # before writing anything is checked here too (a remote SuperLink checks it itself).
+        from ..fed.engine import check_output_path, check_resume
+        from ..fed.experiment import check_environment
+
+        check_output_path(out)
+        if resume:
+            check_resume(cfg, out)
+        check_environment(cfg)
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
     flower_keys: dict[str, Any] = {"resume": bool(resume)}
