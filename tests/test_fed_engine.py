@@ -72,6 +72,10 @@ def test_resume_is_bit_exact(tmp_path, method):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot resume: .* does not exist"):
+        run_experiment(_cfg(tmp_path, "empty"), resume=True, echo=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(_cfg(tmp_path, "empty").to_dict()))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         run_experiment(_cfg(tmp_path, "empty"), resume=True, echo=lambda s: None)
 
