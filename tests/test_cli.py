@@ -74,3 +74,18 @@ def test_flower_engine_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
                  "--out", str(tmp_path / "f")]) == 2
     assert "flower" in capsys.readouterr().err
+
+
+def test_topk_flag_is_a_fraction_or_a_count():
+    """--topk 100 keeps 100 values (an int count), --topk 0.1 a fraction; both survive the
+    Flower run config (which turns other integers into floats)."""
+    from fastseq.fed.experiment import ExperimentConfig
+    from fastseq.flower.config import from_run_config, to_run_config
+
+    parse = build_parser().parse_args
+    assert parse(["run", "--topk", "100"]).topk == 100 and isinstance(parse(["run", "--topk", "100"]).topk, int)
+    assert parse(["run", "--topk", "0.1"]).topk == 0.1
+    for topk in (100, 0.1):
+        cfg = ExperimentConfig(codec="int8", topk=topk)
+        back, _ = from_run_config(to_run_config(cfg))
+        assert back.topk == topk and type(back.topk) is type(topk)

@@ -95,7 +95,7 @@ class ExperimentConfig:
     server_momentum: float = 0.9
     codec: str = "none"
     block_size: int | None = None
-    topk: float | None = None
+    topk: float | int | None = None     # a fraction in (0, 1] or a count of values >= 1
     stochastic: bool = False
     error_feedback: bool = False
     downlink_codec: str = "none"

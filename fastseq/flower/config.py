@@ -85,8 +85,8 @@ def from_run_config(run_config: dict[str, Any]):
             v = json.loads(v) if isinstance(v, str) and v.strip() else (v or JSON_FIELDS[f.name])
         elif isinstance(v, str) and v == "" and _optional(f):
             v = None
-        elif "float" in str(f.type) and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
+        elif "float" in str(f.type) and "int" not in str(f.type) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)  # (topk, float | int, keeps an int: it is a count there)
         d[f.name] = v
     flower = {k: run_config.get(k, default) for k, default in FLOWER_KEYS.items()}
     return ExperimentConfig.from_dict(d), flower
