@@ -223,6 +223,21 @@ def test_case_matrix_is_large_enough():
     assert len(CASES) >= 30 and len({i for i, _, _ in CASES}) == len(CASES)
 
 
+@pytest.mark.parametrize("cuda_build,gpus,device,phrase", [
+    (None, 0, "cuda", "is a CPU-only build; use --device cpu (or auto), or install a CUDA build"),
+    ("12.6", 0, "cuda", "torch sees no CUDA GPU"),
+    ("12.6", 1, "cuda:3", "has 1 CUDA GPU(s), cuda:0..cuda:0"),
+])
+def test_cuda_device_this_machine_lacks(cuda_build, gpus, device, phrase, places, monkeypatch, capsys):
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    rc = main(["run", *TINY, "--device", device, "--out", str(Path(places["tmp"]) / "out")])
+    _assert_one_clear_line(rc, capsys.readouterr().err, phrase)
+    assert not (Path(places["tmp"]) / "out").exists()
+
+
 # --- quantization where bitsandbytes cannot run it -------------------------------------------
 
 def test_quantization_where_bitsandbytes_cannot_run_it(places, monkeypatch, capsys):

@@ -199,16 +199,14 @@ class ExperimentConfig:
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{key} must be a positive number, got {v!r}")
-        for key, low in (("prox_mu", 0), ("weight_decay", 0), ("seed", 0)):
+        for key, low in (("prox_mu", 0), ("weight_decay", 0), ("seed", 0), ("min_client_size", 0),
+                         ("classes_per_client", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
         for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"{key} must be null (no limit / the default) or an integer >= 1, got {v!r}")
-        for key in ("classes_per_client", "min_client_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         for key in ("local_epochs", "lora_alpha", "max_grad_norm", "server_lr"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -316,7 +314,8 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device={name!r} but torch sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES?); use "
                               f"--device cpu (or auto)")
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"device={name!r} but this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+            raise ConfigError(f"device={name!r} but this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}; "
+                              f"pass one of them, cuda or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name!r} but MPS (Apple GPU) is not available here; use --device cpu (or auto)")
     return dev
