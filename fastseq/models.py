@@ -66,7 +66,8 @@ def check_model_source(name_or_path: str) -> None:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{name_or_path!s} is not a transformers model folder (no config.json there); pass "
                                  f"{choices}")
-    elif not looks_like_hub_id(source):
+    elif not looks_like_hub_id(source) or Path(source.split("/")[0]).is_dir():
+        # (``runs/x`` whose ``runs/`` is here is a path, not the hub id of owner "runs")
         raise ModelLoadError(f"model folder {name_or_path!r} does not exist; pass {choices}")
 
 
@@ -303,7 +304,8 @@ def load_model(
     except OSError as exc:
         reason = " ".join(str(exc).split()).rstrip(".")
         raise ModelLoadError(
-            f"cannot load {asked!r}{_did_you_mean(asked)}: {reason}. Without network access pass a local folder "
+            f"cannot load {asked!r}{_did_you_mean(asked)} (no local folder of that name, so it was taken for a hub "
+            f"id): {reason}. Without network access pass a local folder "
             f"(e.g. one written by `save_pretrained`) or a built-in tiny model ({', '.join(TINY_MODELS)})"
         ) from exc
     if quantization != "none":

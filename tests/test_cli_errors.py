@@ -88,6 +88,7 @@ CASES = [
     ("model-missing-folder", ["run", "--model", "/nonexistent"], "model folder '/nonexistent' does not exist"),
     ("model-is-a-file", ["run", "--model", "{tmp}/empty.toml"], "is a file, not a model folder"),
     ("model-folder-without-config", ["run", "--model", "{tmp}"], "is not a transformers model folder (no config.json"),
+    ("model-relative-folder-missing", ["run", "--model", "emptydir/model"], "model folder 'emptydir/model' does not exist"),
     ("model-typo", ["run", "--model", "tiny-lama"], "did you mean 'tiny-llama'?"),
     ("model-hub-id-offline", ["run", "--model", "nobody/no-such-model"], "cannot load 'nobody/no-such-model'"),
     ("model-without-tokenizer", ["run", "--model", "{no_tokenizer}", "--task", "text-classification",
