@@ -52,8 +52,10 @@ from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's 
 SHAPES = {"tinyllama": dict(layers=22, d=2048, f=5632), "minilm": dict(layers=6, d=384, f=1536)}
 SCL_RANK = 16
 # SCL variants (label -> SCLConfig fields), all at SCL_RANK
-SCL_VARIANTS = {"scl": {}, "scl-frozenC": dict(train_compress=False), "scl-parallel": dict(placement="parallel"),
-                "scl-parallel-frozenC": dict(placement="parallel", train_compress=False)}
+SCL_VARIANTS = {"scl": dict(placement="residual", train_compress=True),
+                "scl-frozenC": dict(placement="residual", train_compress=False),
+                "scl-parallel": dict(placement="parallel", train_compress=True),
+                "scl-parallel-frozenC": dict(placement="parallel", train_compress=False)}  # the default
 METHODS = (*SCL_VARIANTS, "fedavg-lora", "ffa-lora", "fedsa-lora", "fedex-lora")
 CODECS = {  # label -> (codec name, params)
     "none": ("none", {}), "bf16": ("bf16", {}), "int8": ("int8", {}), "nf4": ("nf4", {}),

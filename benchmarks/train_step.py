@@ -140,7 +140,8 @@ def attach(provider: str, base, device: torch.device):
     backend = "triton" if "fused" in provider else "torch"
     if level == 0:
         backend = "auto"
-    model = fastseq.get_scl_model(model, fastseq.SCLConfig(r=SCL_RANK, checkpoint_level=level, backend=backend))
+    model = fastseq.get_scl_model(model, fastseq.SCLConfig(r=SCL_RANK, checkpoint_level=level, backend=backend,
+                                                         placement="residual", train_compress=True))  # the 2fr budget
     return model, SCL_RANK
 
 

@@ -65,7 +65,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--lora-r", "lora_r", int, "explicit LoRA rank (default: matched to SCL's budget)"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 2*lora_r)"),
     ("--lr", "lr", float, "client AdamW learning rate"),
-    ("--head-lr", "head_lr", float, "the task head's learning rate (default: --lr)"),
+    ("--head-lr", "head_lr", float, "the task head's learning rate (default 1e-2 for every method; head_lr: null in a config follows --lr)"),
     ("--scl-compress-lr", "scl_compress_lr", float, "SCL C's learning rate (default: --lr)"),
     ("--batch-size", "batch_size", int, "client micro-batch size"),
     ("--grad-accum", "grad_accum", int, "gradient accumulation steps"),

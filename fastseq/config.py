@@ -45,13 +45,13 @@ class SCLConfig:
         or "triton" (on CPU only under TRITON_INTERPRET=1).
     """
 
-    r: int = 16
+    r: int = 64
     activation: str | None = None
     scale: float = 1.0
     bias: bool = False
-    placement: str = "residual"
-    train_compress: bool = True
-    init_seed: int | None = None
+    placement: str = "parallel"
+    train_compress: bool = False
+    init_seed: int | None = 0
     train_down_proj: bool = False
     layers: list[int] | None = None
     checkpoint_level: int = 1

@@ -109,10 +109,10 @@ KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B"] = KNOWN_CONFIGS["TinyLlama/TinyLlama_v
 
 def _shape_from_hf_config(cfg, name: str, task: str | None) -> ModelShape:
     mt = getattr(cfg, "model_type", "")
+    num_labels = getattr(cfg, "num_labels", 2) or 2  # SiglipForImageClassification: the top-level config's
     if mt == "siglip":
         cfg = cfg.vision_config
         mt = "siglip_vision_model"
-    num_labels = getattr(cfg, "num_labels", 2) or 2
     if mt in ("siglip_vision_model", "vit", "clip_vision_model"):
         return ModelShape(name, "vision", cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
                           cfg.num_attention_heads, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
@@ -300,6 +300,11 @@ def frozen_bytes(s: ModelShape, quantization: str, dtype=torch.float32, double_q
     return dict(projections=proj, floating=floats * b)
 
 
+def _frozen_compress_bytes(scl: SCLConfig, f: int) -> int:
+    """Bytes of one frozen C (r x f, + its bias) in fp32."""
+    return 4 * scl.r * (f + (1 if scl.bias else 0))
+
+
 def trainable_param_count(s: ModelShape, scl: SCLConfig) -> dict:
     sites = len(_scl_sites(s, scl))
     out = dict(scl=sites * scl.adapter_params_per_layer(s.d, s.f), head=0, down=0)
@@ -362,9 +367,10 @@ def estimate(model: Any, scl_config: SCLConfig | None = None, quantization: str 
     T = B * S
     qd, kvd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
 
-    # frozen
+    # frozen (a frozen C is an fp32 SCL tensor: frozen, never quantized)
     fz = frozen_bytes(s, q, dt, double_quant, scl.train_down_proj)
-    frozen = fz["projections"] + fz["floating"]
+    fz["frozen_compress"] = 0 if scl.train_compress else len(_scl_sites(s, scl)) * _frozen_compress_bytes(scl, s.f)
+    frozen = fz["projections"] + fz["floating"] + fz["frozen_compress"]
 
     # trainable: SCL in fp32, head/down projection in the model dtype; grads alike
     counts = trainable_param_count(s, scl)
@@ -695,11 +701,12 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id, local folder, tiny model or known config "
                                                    f"({', '.join(sorted(KNOWN_CONFIGS))})")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 8GB (binary units: 8GB = 8 GiB)")
-    p.add_argument("--r", type=int, default=16, help="SCL rank (default 16)")
-    p.add_argument("--scl-placement", choices=("residual", "parallel"), default="residual",
-                   help="SCL placement (default residual)")
-    p.add_argument("--scl-train-compress", action=argparse.BooleanOptionalAction, default=True,
-                   help="train SCL's C (--no-scl-train-compress: C frozen, E or P only)")
+    default = SCLConfig()
+    p.add_argument("--r", type=int, default=default.r, help=f"SCL rank (default {default.r})")
+    p.add_argument("--scl-placement", choices=("residual", "parallel"), default=default.placement,
+                   help=f"SCL placement (default {default.placement})")
+    p.add_argument("--scl-train-compress", action=argparse.BooleanOptionalAction, default=default.train_compress,
+                   help="train SCL's C (default: C frozen at its seeded init; only P or E trains)")
     p.add_argument("--batch-size", type=int, default=4, help="effective batch size (default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512; vision: patches)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")

@@ -43,6 +43,7 @@ teacher-forced ROUGE-L), any image task (accuracy). ``--arms`` picks the arms to
     python scripts/accuracy_study.py --quick
     python scripts/accuracy_study.py                         # the full study, resumable
     python scripts/accuracy_study.py --until screen          # stop after the screening
+    python scripts/accuracy_study.py --report-only           # the report from the runs finished so far
     python scripts/accuracy_study.py --task chatterbot-qa --model gemma-3-270m --arms scl-frozenC \\
         scl-parallel ffa-lora fedavg-lora --finalists-from-arms --until final --alphas 0.5 --tag gemma
 
@@ -58,6 +59,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -74,10 +76,11 @@ if str(ROOT / "benchmarks") not in sys.path:  # only benchmarks/: the root would
     sys.path.insert(0, str(ROOT / "benchmarks"))
 from provenance import provenance, write_results  # noqa: E402
 
+# every SCL arm pins both variant fields: the defaults are the study's winner and may change again
 ARMS: dict[str, dict] = {
-    "scl": dict(method="scl"),
-    "scl-frozenC": dict(method="scl", scl_train_compress=False),
-    "scl-parallel": dict(method="scl", scl_placement="parallel"),
+    "scl": dict(method="scl", scl_placement="residual", scl_train_compress=True),
+    "scl-frozenC": dict(method="scl", scl_placement="residual", scl_train_compress=False),
+    "scl-parallel": dict(method="scl", scl_placement="parallel", scl_train_compress=True),
     "scl-parallel-frozenC": dict(method="scl", scl_placement="parallel", scl_train_compress=False),
     "fedavg-lora": dict(method="fedavg-lora"),
     "ffa-lora": dict(method="ffa-lora"),
@@ -248,10 +251,14 @@ def _run_subprocess(spec: Spec, threads: int) -> None:
     conf.unlink(missing_ok=True)
 
 
+NOT_RUN = "not run (--report-only)"
+
+
 def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
     """Run every spec not finished yet (``jobs`` at a time), then load them all. A failing run is
-    reported and left out; rerunning the study retries it."""
-    todo = [s for s in specs if not _finished(s)]
+    reported and left out; rerunning the study retries it. ``jobs=0`` runs nothing (--report-only):
+    the unfinished runs are left out as "not run"."""
+    todo = [s for s in specs if not _finished(s)] if jobs else []
     errors: dict[str, str] = {}
     if todo:
         threads = 1 if jobs > 1 else max(1, torch.get_num_threads())
@@ -276,8 +283,9 @@ def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
     runs = []
     for s in specs:
         if s.tag in errors or not _finished(s):
-            runs.append(Run(s, error=errors.get(s.tag, "not finished")))
-            print(f"  FAILED {s.tag}: {runs[-1].error}", flush=True)
+            runs.append(Run(s, error=errors.get(s.tag, "not finished" if jobs else NOT_RUN)))
+            if jobs:
+                print(f"  FAILED {s.tag}: {runs[-1].error}", flush=True)
         else:
             runs.append(_load(s))
     return runs
@@ -298,6 +306,16 @@ def metric_of(history: list[dict]) -> str:
         if any(isinstance(h.get(k), (int, float)) for h in history):
             return k
     return "eval_loss"
+
+
+def metric_of_runs(runs: list[Run]) -> str:
+    """The metric of the first finished run; a stage with none finished stops the study."""
+    hist = next((r.history for r in runs if r.history), None)
+    if hist is None:
+        out = Path(runs[0].spec.cfg["out"]).parent if runs else "the runs folder"
+        raise SystemExit(f"no finished run in {out} for this stage: run it without --report-only, or point "
+                         f"--runs-dir at the folder the study ran in")
+    return metric_of(hist)
 
 
 def _mean_last(history: list[dict], key: str, n: int = LAST):
@@ -389,7 +407,7 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
 def study(a) -> dict:
     p = presets(a)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    jobs = a.jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 and not a.smoke else 1)
+    jobs = 0 if a.report_only else a.jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 and not a.smoke else 1)
     suffix = "_smoke" if a.smoke else "_quick" if a.quick else ""
     name = p["task"] + (f"_{a.tag}" if a.tag else suffix)
     runs_dir = Path(a.runs_dir or ROOT / "runs" / "study" / name)
@@ -414,7 +432,7 @@ def study(a) -> dict:
                  for arm in p["head_arms"] for lr in p["head_arm_lrs"] for h in p["head_lrs"]]
         runs = execute(specs, jobs, "head lr")
         all_runs += runs
-        metric = metric or metric_of(next(r.history for r in runs if r.history))
+        metric = metric or metric_of_runs(runs)
         head_lr, means = choose_head_lr([r for r in runs if r.history], metric)
         doc["head"] = dict(chosen=head_lr, mean_best_val=means,
                            runs=[dict(arm=r.spec.arm, lr=r.spec.lr, head_lr=r.spec.head_lr, val=val_score(r, metric))
@@ -434,7 +452,7 @@ def study(a) -> dict:
                  for arm in arms for lr in p["lrs"] for al in p["screen_alphas"]]
         runs = execute(specs, jobs, "screening")
         all_runs += runs
-        metric = metric or metric_of(next(r.history for r in runs if r.history))
+        metric = metric or metric_of_runs(runs)
         chosen = choose_lrs([r for r in runs if r.history], metric)
         finalists = choose_finalists(chosen, metric, p["n_scl"], p["n_base"]) if pick_finalists else arms
         doc["screen"] = dict(chosen={k: dict(lr=v[0], val=v[1]) for k, v in chosen.items()}, finalists=finalists,
@@ -456,7 +474,7 @@ def study(a) -> dict:
                  for arm in finalists for c in p["codecs"] for al in p["alphas"] for s in p["seeds"]]
         final_runs = execute(specs, jobs, "final")
         all_runs += final_runs
-        metric = metric or metric_of(next(r.history for r in final_runs if r.history))
+        metric = metric or metric_of_runs(final_runs)
 
     # 4. extras
     extra_runs: list[Run] = []
@@ -504,7 +522,8 @@ def study(a) -> dict:
     metric = metric or "accuracy"
     meta = dict(task=p["task"], model=p["model"], **provenance(device), wall_s=time.time() - t0,
                 cpu_s=time.process_time() - c0, jobs=jobs, metric=metric, mode=suffix.strip("_") or "full", tag=a.tag,
-                runs=len(all_runs), failed=[r.spec.tag for r in all_runs if r.error],
+                runs=len(all_runs), failed=[r.spec.tag for r in all_runs if r.error and r.error != NOT_RUN],
+                not_run=[r.spec.tag for r in all_runs if r.error == NOT_RUN],
                 runs_seconds_total=sum(r.seconds or 0 for r in all_runs),
                 note="wall_s/cpu_s cover this invocation; runs_seconds_total sums each run's own wall seconds "
                      "(reused runs included)")
@@ -724,6 +743,13 @@ def markdown(doc: dict, rows: list[dict], metric: str) -> str:
         L.append("")
     if meta["failed"]:
         L += [f"Failed runs (left out): {meta['failed']}", ""]
+    if meta.get("not_run"):
+        groups: dict[str, list[str]] = {}  # the seeds of each arm / alpha / variant
+        for t in meta["not_run"]:
+            m = re.search(r"_s(\d+)_", t)
+            groups.setdefault(re.sub(r"_s\d+_", "_s*_", t, count=1), []).append(m.group(1) if m else "?")
+        L += [f"**Not run yet** ({len(meta['not_run'])} runs of the protocol; a rerun without --report-only "
+              "runs them): " + "; ".join(f"{k} (seeds {', '.join(v)})" for k, v in groups.items()), ""]
     return "\n".join(L) + "\n"
 
 
@@ -790,6 +816,7 @@ def main(argv=None):
     ap.add_argument("--screen-alphas", nargs="+", type=parse_alpha)
     ap.add_argument("--seeds", nargs="+", type=int, help="reported seeds (final stage)")
     ap.add_argument("--extra-seeds", nargs="+", type=int)
+    ap.add_argument("--extra-alphas", nargs="+", type=parse_alpha, help="alphas of the extras")
     ap.add_argument("--lrs", nargs="+", type=float, help="adapter lr grid of the screening")
     ap.add_argument("--head-lrs", nargs="+", type=float, help="head lr grid")
     ap.add_argument("--head-lr", type=float, help="skip the head stage: use this head lr")
@@ -811,6 +838,8 @@ def main(argv=None):
     ap.add_argument("--runs-dir")
     ap.add_argument("--out-dir")
     ap.add_argument("--tag", help="name the outputs study_<task>_<tag>")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the runs finished so far (the rest listed as not run)")
     a = ap.parse_args(argv)
     study(a)
 

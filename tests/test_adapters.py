@@ -12,7 +12,7 @@ import fastseq
 from fastseq import SCLConfig
 from fastseq.adapters import AdapterError, UnsupportedModelError
 
-from tiny_models import BUILDERS, HEADS, build, inputs, loss_of, output_tensor
+from tiny_models import BUILDERS, HEADS, PLAIN_SCL, build, inputs, loss_of, output_tensor
 
 ARCHS = sorted(BUILDERS)
 LEVELS = (0, 1, 2)
@@ -23,7 +23,7 @@ def inject(arch: str, level: int = 0, **kw):
     # Frozen like the adapted model: nn.MultiheadAttention (SigLIP's head) takes a different
     # fast path when no parameter requires grad, which changes the last bits.
     base = copy.deepcopy(model).requires_grad_(False)
-    config = SCLConfig(r=4, checkpoint_level=level, backend="torch", **kw)
+    config = SCLConfig(r=4, checkpoint_level=level, backend="torch", **{**PLAIN_SCL, **kw})
     fastseq.get_scl_model(model, config, trainable_modules=HEADS.get(arch, ()))
     return base, model, config
 

@@ -111,6 +111,13 @@ def test_accuracy_study_smoke_end_to_end_and_bytes_to_target(tmp_path):
     stamps = {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")}
     st.main(argv)
     assert {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")} == stamps
+    # --report-only runs nothing: a third seed is listed as not run, the report keeps the finished two
+    st.main(argv + ["--seeds", "1", "2", "3", "--report-only"])
+    assert {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")} == stamps
+    doc = json.loads(Path(f"{stem}.json").read_text())
+    assert len(doc["meta"]["not_run"]) == 2 * 2 and all("_s3_" in t for t in doc["meta"]["not_run"])
+    assert doc["meta"]["failed"] == [] and all(r["n"] == 2 for r in doc["rows"] if r["variant"] == "main")
+    assert "**Not run yet** (4 runs" in Path(f"{stem}.md").read_text()
 
 
 def _fake_run(st, arm, lr, alpha, val, test, head_lr=None, seed=0):

@@ -108,7 +108,8 @@ def test_personalised_method_scores_validation_too(tmp_path):
 
 
 def test_head_and_compress_learning_rates(tmp_path):
-    cfg = _cfg(tmp_path, model="tiny-bert", lr=1e-3, head_lr=5e-2, scl_compress_lr=1e-4)
+    cfg = _cfg(tmp_path, model="tiny-bert", lr=1e-3, head_lr=5e-2, scl_compress_lr=1e-4, scl_train_compress=True,
+               scl_placement="residual")
     rt = build_runtime(cfg, echo=lambda s: None)
     groups = {g["role"]: g for g in optimizer_groups(rt.method, cfg.train_config())}
     assert {k: g["lr"] for k, g in groups.items()} == {"head": 5e-2, "compress": 1e-4, "adapter": 1e-3}

@@ -91,7 +91,8 @@ def test_estimate_matches_measured_variants(placement, train_compress, dt, level
     _check(est, meas, (placement, train_compress, dt, level))
     assert _rel(est.activations, meas.activations) < 1e-3 and est.trainable == meas.trainable
     assert est.details["trainable_params"]["scl"] == fastseq.count_parameters(model).trainable
-    plain = estimate(model, fastseq.SCLConfig(r=8), "none", 2, 48, level, "adamw", dt)
+    plain = estimate(model, fastseq.SCLConfig(r=8, placement="residual", train_compress=True), "none", 2, 48, level,
+                     "adamw", dt)
     assert est.trainable < plain.trainable  # every variant trains less than plain SCL at the same r
     if level == 0 and not train_compress:
         assert est.activations < plain.activations

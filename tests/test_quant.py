@@ -10,6 +10,7 @@ import torch
 import fastseq
 from fastseq import quant
 from fastseq.models import load_model
+from tiny_models import PLAIN_SCL
 
 pytest.importorskip("bitsandbytes")
 
@@ -112,7 +113,7 @@ def test_fused_levels_match_reference_on_quantized_base(q, kind):
     for level in (0, 1, 2):
         model = build(q)
         model.train()
-        fastseq.get_scl_model(model, fastseq.SCLConfig(r=4, checkpoint_level=level, backend="torch"))
+        fastseq.get_scl_model(model, fastseq.SCLConfig(r=4, checkpoint_level=level, backend="torch", **PLAIN_SCL))
         torch.manual_seed(3)
         with torch.no_grad():  # a non-zero E so that every SCL gradient is exercised
             for n, p in model.named_parameters():

@@ -11,6 +11,7 @@ from torch import nn
 
 import fastseq
 from fastseq import SCLConfig
+from tiny_models import PLAIN_SCL
 
 
 class GatedMLP(nn.Module):  # Llama's MLP, structurally
@@ -53,7 +54,7 @@ def formula(m, x, scale):
 def test_reference_matches_formula(cls, dtype):
     torch.manual_seed(0)
     m = cls(12, 20).to(dtype)
-    fastseq.get_scl_model(m, SCLConfig(r=3, scale=0.7, bias=True, checkpoint_level=0))
+    fastseq.get_scl_model(m, SCLConfig(r=3, scale=0.7, bias=True, checkpoint_level=0, **PLAIN_SCL))
     with torch.no_grad():  # a non-trivial E and biases
         for p in m.scl.parameters():
             p.normal_()
@@ -89,7 +90,7 @@ def test_reference_matches_formula(cls, dtype):
 
 def test_expand_is_zero_and_compress_is_kaiming_at_init():
     m = GatedMLP(8, 16)
-    fastseq.get_scl_model(m, SCLConfig(r=4, checkpoint_level=0))
+    fastseq.get_scl_model(m, SCLConfig(r=4, checkpoint_level=0, **PLAIN_SCL))
     assert torch.count_nonzero(m.scl.expand.weight) == 0
     bound = 1 / 16 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 16
     w = m.scl.compress.weight

@@ -28,6 +28,9 @@ BUILDERS = {
     "siglip": lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**VISION)),
     "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(num_labels=3, **VISION)),
 }
+# The paper's plain layer (residual placement, C trained), what the older tests describe; the
+# library's default is the parallel placement with C frozen (tests/test_scl_variants.py).
+PLAIN_SCL = dict(placement="residual", train_compress=True)
 HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "vit": ("classifier",)}
 VISION_ARCHS = {"siglip", "vit"}
 

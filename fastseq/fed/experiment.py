@@ -62,17 +62,17 @@ class ExperimentConfig:
     eval_examples: int | None = None
     max_length: int | None = 64
     method: str = "scl"
-    r: int = 8
+    r: int = 64
     scl_scale: float = 1.0
     # SCL variant (SCLConfig.placement / train_compress / layers); LoRA's matched rank follows it
-    scl_placement: str = "residual"
-    scl_train_compress: bool = True
+    scl_placement: str = "parallel"
+    scl_train_compress: bool = False
     scl_layers: list[int] | None = None
     train_down_proj: bool = False
     lora_r: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float = 0.05
-    rounds: int = 6
+    rounds: int = 10
     clients: int = 5
     clients_per_round: int = 3
     min_clients: int = 1
@@ -82,8 +82,8 @@ class ExperimentConfig:
     min_client_size: int = 8
     local_steps: int = 10
     local_epochs: float | None = None
-    lr: float = 5e-3
-    head_lr: float | None = None        # the task head's lr (None: lr)
+    lr: float = 1e-2
+    head_lr: float | None = 1e-2        # the task head's lr (None: lr)
     scl_compress_lr: float | None = None  # SCL's C's lr (None: lr)
     batch_size: int = 8
     grad_accum: int = 1
