@@ -141,14 +141,7 @@ def test_semantic_header_fuzz(blob, which, value, delete):
     the header checks themselves must hold."""
     h = C.read_header(blob)
     paths = [p for p in _paths(h) if p]
-    path = paths[which % len(paths)]
-    d = h
-    for k in path[:-1]:
-        d = d[k]
-    if delete:
-        del d[path[-1]]
-    else:
-        d[path[-1]] = value
+    _set_or_delete(h, paths[which % len(paths)], value, delete)
     try:
         meta = json.dumps(h)
         h["sha256"] = C.payload_digest(st_load(blob), h)
@@ -156,6 +149,16 @@ def test_semantic_header_fuzz(blob, which, value, delete):
     except (TypeError, ValueError):
         return
     check(st_save(st_load(blob), metadata={"fastseq": meta}))
+
+
+def _set_or_delete(h: dict, path: tuple, value, delete: bool) -> None:
+    """Replace (or delete) the value at ``path`` in a nested header, in place."""
+    for k in path[:-1]:
+        h = h[k]
+    if delete:
+        del h[path[-1]]
+    else:
+        h[path[-1]] = value
 
 
 def _canonical(h):
@@ -171,13 +174,7 @@ def test_header_mutation_breaks_the_checksum(blob, which, value, delete):
     paths = [p for p in _paths(h) if p and p != ("sha256",)]
     path = paths[which % len(paths)]
     before = _canonical(h)
-    d = h
-    for k in path[:-1]:
-        d = d[k]
-    if delete:
-        del d[path[-1]]
-    else:
-        d[path[-1]] = value
+    _set_or_delete(h, path, value, delete)
     try:
         changed = _canonical(h) != before
         meta = json.dumps(h)
