@@ -56,13 +56,17 @@ def provenance(device: torch.device | str) -> dict:
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **versions())
 
 
-def write_results(stem: str | Path, rows: list[dict], **extra) -> None:
-    """``<stem>.csv`` (one row per dict; columns: the union of their keys, first-seen order) and
-    ``<stem>.json`` (``extra`` plus ``rows``)."""
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """One row per dict; columns: the union of their keys, first-seen order."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{stem}.csv", "w", newline="") as fh:
+    with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def write_results(stem: str | Path, rows: list[dict], **extra) -> None:
+    """``<stem>.csv`` (see :func:`write_csv`) and ``<stem>.json`` (``extra`` plus ``rows``)."""
+    write_csv(f"{stem}.csv", rows)
     Path(f"{stem}.json").write_text(json.dumps(dict(extra, rows=rows), indent=1, default=str))
 

@@ -113,17 +113,22 @@ def nf4_available() -> str | None:
     return None
 
 
-def build_backbone(shape: dict, layers: int, vocab: int, backbone: str, device: torch.device):
-    """A random-weight causal LM of ``shape`` (Llama-style; ``arch="gemma"`` in the shape: Gemma,
-    GeGLU, tied embeddings) as ``backbone`` (fp32, bf16, nf4, int8). On CUDA it is built on the
-    GPU (seconds instead of a minute of CPU initialisation)."""
+def model_config(shape: dict, layers: int, vocab: int):
+    """(model class, transformers config) of a random-weight causal LM of ``shape``."""
     import transformers as tf
 
     shape = dict(shape)
     gemma = shape.pop("arch", "llama") == "gemma"
     cls, config_cls = ((tf.GemmaForCausalLM, tf.GemmaConfig) if gemma else (tf.LlamaForCausalLM, tf.LlamaConfig))
-    cfg = config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    return cls, config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+
+
+def build_backbone(shape: dict, layers: int, vocab: int, backbone: str, device: torch.device):
+    """A random-weight causal LM of ``shape`` (Llama-style; ``arch="gemma"`` in the shape: Gemma,
+    GeGLU, tied embeddings) as ``backbone`` (fp32, bf16, nf4, int8). On CUDA it is built on the
+    GPU (seconds instead of a minute of CPU initialisation)."""
+    cls, cfg = model_config(shape, layers, vocab)
     torch.manual_seed(0)
     with torch.device(device if device.type == "cuda" else "cpu"):
         model = cls(cfg)
@@ -326,6 +331,16 @@ def plan_estimate(config, provider: str, backbone: str, batch: int, seq: int, co
     return dict(plan_estimate_bytes=est, plan_vs_cuda_peak=est / measured if measured else None)
 
 
+def with_ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """``*_vs_lora`` columns: each row of one backbone against ``baseline``'s row."""
+    base = next((r for r in rows if r["provider"] == baseline), None)
+    for row in rows:
+        for k in ("ms_min", "ms_median", "cpu_ms_min", "saved_bytes", "est_peak_bytes", "trainable_params"):
+            row[f"{k}_vs_lora"] = row[k] / base[k] if base and base[k] else None
+        row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return rows
+
+
 def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq=None, reps=None, warmup=None,
         device=None, smoke=False, out_dir=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -363,14 +378,9 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
             else:
                 provs.append(p)
         res = measure_backbone(provs, backbone, shape, layers, vocab, batch, seq, reps, warmup, device)
-        base = res.get(BASELINE)
-        for prov in provs:
-            row = dict(meta, **res[prov])
-            for k in ("ms_min", "ms_median", "cpu_ms_min", "saved_bytes", "est_peak_bytes", "trainable_params"):
-                row[f"{k}_vs_lora"] = row[k] / base[k] if base and base[k] else None
-            row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+        for row in with_ratios([dict(meta, **res[prov]) for prov in provs]):
             rows.append(row)
-            print(f"[{backbone}] {prov:17s} r={row['rank']:3d} trainable {row['trainable_params']:>10,d}  "
+            print(f"[{backbone}] {row['provider']:17s} r={row['rank']:3d} trainable {row['trainable_params']:>10,d}  "
                   f"step min {row['ms_min']:8.1f} ms  med {row['ms_median']:8.1f} ms  cpu {row['cpu_ms_min']:8.1f} ms  "
                   f"{row['tokens_per_s']:8.1f} tok/s  "
                   f"saved {row['saved_bytes'] / 2**20:8.2f} MiB  est.peak {row['est_peak_bytes'] / 2**20:8.1f} MiB  "
