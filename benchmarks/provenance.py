@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import subprocess
 import time
@@ -23,14 +24,18 @@ VERSIONED = ("transformers", "peft", "triton", "bitsandbytes", "flwr")
 
 
 def git_commit() -> str:
+    """The commit (``+dirty`` with uncommitted changes to the measured code); outside a git
+    checkout (an sdist, a copied working tree such as a lent GPU machine's) the one given in
+    ``FASTSEQ_GIT_COMMIT``, else "unknown"."""
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE],
                                         cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
         return head + ("+dirty" if dirty else "")
-    except Exception:  # not a git checkout (an sdist, a copied folder)
-        return "unknown"
+    except Exception:
+        given = os.environ.get("FASTSEQ_GIT_COMMIT", "").strip()
+        return f"{given} (given)" if given else "unknown"
 
 
 def device_name(device: torch.device | str) -> str:

@@ -48,7 +48,7 @@ for _p in (ROOT / "scripts", ROOT / "benchmarks", ROOT):
 
 GIB = 2**30
 # (name, seconds): unspent seconds carry over to the steps after
-STEPS = (("env", 25), ("correctness", 140), ("sweep", 100), ("train_step", 120), ("federated", 35),
+STEPS = (("env", 20), ("correctness", 130), ("sweep", 100), ("train_step", 120), ("federated", 50),
          ("gemma_memory", 60))
 TOTAL_BUDGET = 480
 GRACE_S = 20  # after SIGINT: pytest writes its report, a step saves what it has

@@ -22,11 +22,7 @@ GOALS = (
 
 
 def new_results(out: Path, dry: bool, argv: list, budget: float) -> dict:
-    import torch
-
-    device = "cpu" if dry else "cuda"
-    meta = dict(provenance(torch.device(device) if device == "cpu" or torch.cuda.is_available() else "cpu"),
-                dry_run=dry, argv=list(argv), budget_s=budget, out=str(out))
+    meta = dict(provenance("cpu" if dry else "cuda"), dry_run=dry, argv=list(argv), budget_s=budget, out=str(out))
     return dict(meta=meta, steps={}, goals=[])
 
 

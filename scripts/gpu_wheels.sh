@@ -9,7 +9,8 @@
 #
 #   scripts/gpu_wheels.sh [DEST]      # default .whl/ (ignored by git); the device call carries it
 #
-# benchmarks/README.md ("One call on a lent GPU") has the device call that installs them there.
+# It ends by printing the device call that installs them there (benchmarks/README.md, "One call on a
+# lent GPU", explains it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${1:-.whl}"
@@ -41,3 +42,9 @@ if [ "$total" -gt "$LIMIT" ]; then
     echo "gpu_wheels: over the carry limit; ignore or remove what the check does not need" >&2
     exit 1
 fi
+
+# the device call, with this checkout's commit (the machine gets a copy of the tree, no git history)
+commit=$(git rev-parse --short HEAD)
+git diff --quiet HEAD -- fastseq kernels benchmarks scripts || commit="$commit+dirty"
+echo "device call: carry=[\"$dest\"], timeout_s=600, command:"
+echo "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $dest/*.whl && export PYTHONPATH=/tmp/site || exit; FASTSEQ_GIT_COMMIT=$commit PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out \$OUT"

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,28 @@ def test_device_cuda_runs_the_device_aware_kernel_tests_only(tmp_path):
     assert "tests/test_kernels_behaviour.py::test_triton_without_cuda_or_interpreter_raises_clear_error" in skips
     assert "tests/test_cli_errors.py::test_cuda_device_this_machine_lacks" in skips
     assert not runs & skips
+
+
+# ---------------------------------------------------------------- a bare machine's copy of the tree
+def test_an_uninstalled_checkout_imports_fastseq_kernels_from_kernels(tmp_path):
+    """A copy of the tree without the installation's package-dir mapping (the lent GPU machine
+    runs fastseq from such a copy): `fastseq.kernels` is the top-level kernels/ folder."""
+    shutil.copytree(ROOT / "fastseq", tmp_path / "fastseq", ignore=shutil.ignore_patterns("kernels", "__pycache__"))
+    shutil.copytree(ROOT / "kernels", tmp_path / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    code = "import fastseq.kernels as k, fastseq.kernels.testing as t; print(k.__file__); print(t.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1"))
+    assert proc.stdout.split() == [str(tmp_path / "kernels" / "__init__.py"), str(tmp_path / "kernels" / "testing.py")], \
+        proc.stderr[-2000:]
+
+
+def test_provenance_outside_git_takes_the_given_commit(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import provenance
+
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)  # not a git checkout
+    monkeypatch.delenv("FASTSEQ_GIT_COMMIT", raising=False)
+    assert provenance.git_commit() == "unknown"
+    monkeypatch.setenv("FASTSEQ_GIT_COMMIT", "abc1234+dirty")
+    assert provenance.git_commit() == "abc1234+dirty (given)"
