@@ -136,6 +136,9 @@ def step_env(st: Step) -> None:
             with contextlib.suppress(md.PackageNotFoundError):
                 mods[name] = md.version(dist)
     st.result["modules"] = mods
+    import fastseq.kernels
+
+    st.result["fastseq_from"] = str(Path(fastseq.kernels.__file__).resolve().parent.parent)  # this checkout?
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         st.result["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,

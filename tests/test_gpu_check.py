@@ -46,6 +46,7 @@ def test_dry_run_writes_every_file_and_every_step_passes(tmp_path):
         assert all(u["status"] == "ok" for u in r.get("units", {}).values()), (name, r["units"])
         assert 0 < r["seconds"] <= r["budget_s"]
     assert steps["env"]["matmul_tflops"] > 0 and steps["env"]["copy_gbps"] > 0
+    assert steps["env"]["fastseq_from"] == str(ROOT)  # this checkout's code, whatever is installed
     c = steps["correctness"]["counts"]
     assert c["tests"] == c["passed"] == 5 and "passed" in (out / "correctness.log").read_text()
 
