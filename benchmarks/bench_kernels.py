@@ -1,5 +1,5 @@
 """pytest-benchmark suite: fwd+bwd of one FFN layer, SCL (eager / recompute / fused) vs the
-frozen SwiGLU MLP and PEFT LoRA r=16 on up+down. Shapes: TinyLlama and Gemma-2B FFNs.
+frozen SwiGLU MLP and PEFT LoRA on up+down (r=16, and at SCL's budget). Shapes: TinyLlama and Gemma-2B FFNs.
 
     pytest benchmarks/bench_kernels.py --benchmark-enable                 # CPU: T=64
     pytest benchmarks/bench_kernels.py --benchmark-enable -k tinyllama
@@ -32,9 +32,10 @@ def test_ffn_fwd_bwd(benchmark, provider, shape, tokens):
         why = "the fused Triton path is benchmarked on CUDA only" if "triton" in provider else "peft is not installed"
         pytest.skip(f"{provider} unavailable on {DEVICE.type}: {why}")
     d, f = ks.SHAPES[shape]
-    x, step, exclude, n_train = ks.build(provider, d, f, ks.RANK, tokens, DTYPE, DEVICE)
+    built = ks.build(provider, d, f, ks.RANK, tokens, DTYPE, DEVICE)
+    x, step, n_train = built.x, built.step, built.trainable_params
     dy = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE)
-    saved = ks.count_saved_activations(step, exclude)
+    saved = ks.count_saved_activations(step, built.exclude)
 
     def fwd_bwd():
         x.grad = None

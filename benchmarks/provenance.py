@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import subprocess
 import time
@@ -23,14 +24,18 @@ VERSIONED = ("transformers", "peft", "triton", "bitsandbytes", "flwr")
 
 
 def git_commit() -> str:
+    """The commit (``+dirty`` with uncommitted changes to the measured code); outside a git
+    checkout (an sdist, a copied working tree such as a lent GPU machine's) the one given in
+    ``FASTSEQ_GIT_COMMIT``, else "unknown"."""
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE],
                                         cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
         return head + ("+dirty" if dirty else "")
-    except Exception:  # not a git checkout (an sdist, a copied folder)
-        return "unknown"
+    except Exception:
+        given = os.environ.get("FASTSEQ_GIT_COMMIT", "").strip()
+        return f"{given} (given)" if given else "unknown"
 
 
 def device_name(device: torch.device | str) -> str:
@@ -56,13 +61,17 @@ def provenance(device: torch.device | str) -> dict:
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **versions())
 
 
-def write_results(stem: str | Path, rows: list[dict], **extra) -> None:
-    """``<stem>.csv`` (one row per dict; columns: the union of their keys, first-seen order) and
-    ``<stem>.json`` (``extra`` plus ``rows``)."""
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """One row per dict; columns: the union of their keys, first-seen order."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{stem}.csv", "w", newline="") as fh:
+    with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def write_results(stem: str | Path, rows: list[dict], **extra) -> None:
+    """``<stem>.csv`` (see :func:`write_csv`) and ``<stem>.json`` (``extra`` plus ``rows``)."""
+    write_csv(f"{stem}.csv", rows)
     Path(f"{stem}.json").write_text(json.dumps(dict(extra, rows=rows), indent=1, default=str))
 

@@ -11,7 +11,8 @@ deep-copied per provider):
 * ``lora_up_r16``   PEFT LoRA r=16 on up_proj only (the authors' repository's setting).
 * ``scl_eager``     SCL, checkpoint level 0 (plain autograd through the model's modules).
 * ``scl_recompute_l1`` / ``scl_recompute_l2``  SCL levels 1/2, PyTorch recompute path.
-* ``scl_fused_l1`` / ``scl_fused_l2``  SCL levels 1/2, Triton kernels (CUDA only).
+* ``scl_fused_l1`` / ``scl_fused_l2``  SCL levels 1/2, Triton kernels (CUDA only; the
+  interpreter on request, for rehearsals).
 
 Backbones: ``fp32``, ``bf16`` and ``nf4`` (bitsandbytes 4-bit via ``fastseq.quant``; compute
 dtype fp32 on CPU, bf16 on CUDA). Adapter parameters are fp32 in every case.
@@ -23,7 +24,12 @@ plus quantization constants), ``grad_bytes`` (trainable), ``optim_bytes`` (AdamW
 step). ``est_peak_bytes`` = the sum of those four: a model of the peak (no allocator
 workspace). Secondary, CPU: ``rss_fwd_delta_bytes`` = process RSS after the forward minus
 before it (after ``malloc_trim``; noisy, allocator-dependent). CUDA: ``cuda_peak_bytes`` =
-``torch.cuda.max_memory_allocated`` over one step (absolute).
+``torch.cuda.max_memory_allocated`` over one step (absolute: every provider's model is
+resident); ``cuda_peak_alone_bytes`` = that step's peak as a process holding only this provider
+would see it (the step's rise above what was allocated before it, plus this model's parameters,
+quantization constants and optimizer state, plus the shared dequantization buffers the fused
+path uses on a quantized backbone). ``plan_estimate_bytes``: ``fastseq.memory.estimate`` for
+the same model, SCL config, quantization, batch and dtype (SCL rows only).
 
 Timing: repetitions interleaved round-robin across providers (a shared machine's load hits
 all alike); ``ms_min`` / ``ms_median`` wall time per step, ``tokens_per_s`` from the min;
@@ -71,6 +77,8 @@ from fastseq.fed.methods import matched_lora_rank  # noqa: E402  (the runtime's 
 log = logging.getLogger("train_step")
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
+GEMMA_2B = dict(arch="gemma", hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
+                head_dim=256)  # 18 layers, vocabulary 256000, tied embeddings
 SMOKE = dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=2)
 SCL_RANK = 16
 LORA = ("lora_matched", "lora_r16", "lora_up_r16")
@@ -105,24 +113,47 @@ def nf4_available() -> str | None:
     return None
 
 
-def build_backbone(shape: dict, layers: int, vocab: int, backbone: str, device: torch.device):
+def model_config(shape: dict, layers: int, vocab: int):
+    """(model class, transformers config) of a random-weight causal LM of ``shape``."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    shape = dict(shape)
+    gemma = shape.pop("arch", "llama") == "gemma"
+    cls, config_cls = ((tf.GemmaForCausalLM, tf.GemmaConfig) if gemma else (tf.LlamaForCausalLM, tf.LlamaConfig))
+    return cls, config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+
+
+def build_backbone(shape: dict, layers: int, vocab: int, backbone: str, device: torch.device):
+    """A random-weight causal LM of ``shape`` (Llama-style; ``arch="gemma"`` in the shape: Gemma,
+    GeGLU, tied embeddings) as ``backbone`` (fp32, bf16, nf4, int8). On CUDA it is built on the
+    GPU (seconds instead of a minute of CPU initialisation)."""
+    cls, cfg = model_config(shape, layers, vocab)
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(cfg)
-    compute = torch.bfloat16 if (backbone == "bf16" or (backbone == "nf4" and device.type == "cuda")) else torch.float32
-    if backbone == "nf4":
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        model = cls(cfg)
+    compute = torch.bfloat16 if (backbone == "bf16" or (backbone in ("nf4", "int8") and device.type == "cuda")) \
+        else torch.float32
+    if backbone in ("nf4", "int8"):
         from fastseq.quant import quantize_model
 
-        model = quantize_model(model, "nf4", compute_dtype=compute, device=device)
+        model = quantize_model(model.to(compute), backbone, compute_dtype=compute, device=device)
     else:
         model = model.to(device=device, dtype=compute)
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()  # no dropout in Llama; train() so adapters behave as in training
     return model, compute
+
+
+LEVELS = {"scl_eager": 0, "scl_recompute_l1": 1, "scl_recompute_l2": 2, "scl_fused_l1": 1, "scl_fused_l2": 2}
+
+
+def scl_config(level: int, backend: str = "auto") -> "fastseq.SCLConfig":
+    """The SCL every provider here trains: the plain layer (residual, C trained), r=16: the
+    ``2 f r`` budget the LoRA baselines are matched to."""
+    return fastseq.SCLConfig(r=SCL_RANK, checkpoint_level=level, backend=backend, placement="residual",
+                             train_compress=True)
 
 
 def attach(provider: str, base, device: torch.device):
@@ -136,16 +167,17 @@ def attach(provider: str, base, device: torch.device):
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                            target_modules=targets))
         return model, r
-    level = {"scl_eager": 0, "scl_recompute_l1": 1, "scl_recompute_l2": 2, "scl_fused_l1": 1, "scl_fused_l2": 2}[provider]
+    level = LEVELS[provider]
     backend = "triton" if "fused" in provider else "torch"
     if level == 0:
         backend = "auto"
-    model = fastseq.get_scl_model(model, fastseq.SCLConfig(r=SCL_RANK, checkpoint_level=level, backend=backend,
-                                                         placement="residual", train_compress=True))  # the 2fr budget
+    model = fastseq.get_scl_model(model, scl_config(level, backend))
     return model, SCL_RANK
 
 
-def available(provider: str, device: torch.device) -> str | None:
+def available(provider: str, device: torch.device, allow_interpreter: bool = False) -> str | None:
+    """None if ``provider`` runs on ``device``, else why not. The Triton interpreter (CPU) counts
+    only with ``allow_interpreter`` (a rehearsal of the CUDA run: its times mean nothing)."""
     if provider.startswith("lora"):
         try:
             import peft  # noqa: F401
@@ -154,8 +186,8 @@ def available(provider: str, device: torch.device) -> str | None:
     if "fused" in provider:
         from fastseq.kernels import triton_available
 
-        if device.type != "cuda" or not triton_available(device):
-            return "the fused Triton path runs on CUDA only"
+        if not (device.type == "cuda" or allow_interpreter) or not triton_available(device):
+            return "the fused Triton path runs on CUDA only" + (" (or under TRITON_INTERPRET=1)" if allow_interpreter else "")
     return None
 
 
@@ -205,6 +237,15 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         return loss
 
+    def _dequant_buffer_bytes(self) -> int:
+        """The dequantization buffers the fused path shares across layers (and across the
+        providers of one process): a lone client holds them too."""
+        if LEVELS.get(self.provider, 0) == 0:
+            return 0
+        from fastseq.adapters.scl import _DEQUANT_BUFFERS
+
+        return sum(b.untyped_storage().nbytes() for b in _DEQUANT_BUFFERS.values() if b.device == self.device)
+
     def memory(self):
         params = list(self.model.parameters())
         saved = count_saved_activations(self.loss, params)
@@ -217,10 +258,13 @@ class Runner:
                    optim_bytes=optim, est_peak_bytes=pb + grads + optim + saved.bytes)
         if self.device.type == "cuda":
             _sync(self.device)
+            resident = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
             _sync(self.device)
-            out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_peak_bytes"] = peak
+            out["cuda_peak_alone_bytes"] = peak - resident + pb + optim + self._dequant_buffer_bytes()
             out["rss_fwd_delta_bytes"] = None
         else:
             _trim()
@@ -242,6 +286,7 @@ def measure_backbone(providers, backbone, shape, layers, vocab, batch, seq, reps
     for prov in providers:
         runners[prov] = Runner(prov, base, device, batch, seq, vocab)
         mem[prov] = runners[prov].memory()
+        mem[prov].update(plan_estimate(base.config, prov, backbone, batch, seq, compute, mem[prov].get("cuda_peak_alone_bytes")))
     del base
     for _ in range(warmup):
         for r in runners.values():
@@ -269,7 +314,31 @@ def measure_backbone(providers, backbone, shape, layers, vocab, batch, seq, reps
                          loadavg_1min=load, **mem[prov])
     del runners
     _trim()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
+
+
+def plan_estimate(config, provider: str, backbone: str, batch: int, seq: int, compute, measured: int | None) -> dict:
+    """The memory planner's estimate of an SCL provider's step (LoRA rows: None), and its ratio
+    to the measured CUDA peak when there is one."""
+    if provider not in LEVELS:
+        return dict(plan_estimate_bytes=None, plan_vs_cuda_peak=None)
+    from fastseq.memory import estimate
+
+    est = estimate(config, scl_config(LEVELS[provider]), quantization=backbone if backbone in ("nf4", "int8") else "none",
+                   batch_size=batch, seq_len=seq, dtype=compute).total
+    return dict(plan_estimate_bytes=est, plan_vs_cuda_peak=est / measured if measured else None)
+
+
+def with_ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """``*_vs_lora`` columns: each row of one backbone against ``baseline``'s row."""
+    base = next((r for r in rows if r["provider"] == baseline), None)
+    for row in rows:
+        for k in ("ms_min", "ms_median", "cpu_ms_min", "saved_bytes", "est_peak_bytes", "trainable_params"):
+            row[f"{k}_vs_lora"] = row[k] / base[k] if base and base[k] else None
+        row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return rows
 
 
 def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq=None, reps=None, warmup=None,
@@ -309,14 +378,9 @@ def run(backbones=None, providers=None, layers=None, vocab=None, batch=None, seq
             else:
                 provs.append(p)
         res = measure_backbone(provs, backbone, shape, layers, vocab, batch, seq, reps, warmup, device)
-        base = res.get(BASELINE)
-        for prov in provs:
-            row = dict(meta, **res[prov])
-            for k in ("ms_min", "ms_median", "cpu_ms_min", "saved_bytes", "est_peak_bytes", "trainable_params"):
-                row[f"{k}_vs_lora"] = row[k] / base[k] if base and base[k] else None
-            row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+        for row in with_ratios([dict(meta, **res[prov]) for prov in provs]):
             rows.append(row)
-            print(f"[{backbone}] {prov:17s} r={row['rank']:3d} trainable {row['trainable_params']:>10,d}  "
+            print(f"[{backbone}] {row['provider']:17s} r={row['rank']:3d} trainable {row['trainable_params']:>10,d}  "
                   f"step min {row['ms_min']:8.1f} ms  med {row['ms_median']:8.1f} ms  cpu {row['cpu_ms_min']:8.1f} ms  "
                   f"{row['tokens_per_s']:8.1f} tok/s  "
                   f"saved {row['saved_bytes'] / 2**20:8.2f} MiB  est.peak {row['est_peak_bytes'] / 2**20:8.1f} MiB  "
@@ -362,7 +426,7 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 1 layer, 16 tokens, fp32, no warmup, LoRA baseline only (seconds)")
-    ap.add_argument("--backbones", nargs="+", choices=["fp32", "bf16", "nf4"])
+    ap.add_argument("--backbones", nargs="+", choices=["fp32", "bf16", "nf4", "int8"])
     ap.add_argument("--providers", nargs="+", choices=list(PROVIDERS))
     ap.add_argument("--layers", type=int)
     ap.add_argument("--vocab", type=int)

@@ -23,6 +23,7 @@ there).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -255,6 +256,30 @@ def _down_kernel(
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+AUTOTUNED = (_ffn_in_kernel, _lowrank_p_kernel, _down_kernel)
+
+
+@contextlib.contextmanager
+def pinned_configs(gemm: int = 0, p: int = 0):
+    """Run the kernels with one tile config each (``GEMM_CONFIGS[gemm]`` for the two GEMM
+    kernels, ``P_CONFIGS[p]`` for the rank-r one) instead of autotuning. Autotuning compiles
+    and times every config for every new shape, which the many odd shapes of a correctness
+    run cannot afford on CUDA; a pinned run checks one config, and looping over the indices
+    checks each."""
+    saved = [(k, k.configs, dict(k.cache)) for k in AUTOTUNED]
+    try:
+        for k in AUTOTUNED:
+            configs = P_CONFIGS if k is _lowrank_p_kernel else GEMM_CONFIGS
+            k.configs = [configs[p if k is _lowrank_p_kernel else gemm]]
+            k.cache.clear()
+        yield
+    finally:
+        for k, configs, cache in saved:
+            k.configs = configs
+            k.cache.clear()
+            k.cache.update(cache)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -1,7 +1,9 @@
+import importlib.util
 import os
 import sys
 
-# The Triton interpreter must be chosen before triton is imported (kernel tests run on CPU).
+# The Triton interpreter must be chosen before triton is imported (kernel tests run on CPU;
+# `--device cuda` turns it off again in pytest_configure, before any test module is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -9,3 +11,62 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers such as tiny_models
+
+import pytest  # noqa: E402
+
+import devices  # noqa: E402
+
+# what --device cuda runs (the others are CPU tests and are skipped there)
+DEVICE_AWARE = "the device-aware kernel tests (those taking the `device` fixture: tests/test_kernels_*.py, " \
+               "tests/test_fused_models.py)"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help=f"where {DEVICE_AWARE} run: cpu (default; Triton through its interpreter) or cuda (the "
+                          f"real Triton compiler, fp32/bf16/fp16 on odd shapes; every other test is skipped)")
+
+
+def pytest_configure(config):
+    if config.getoption("device") == "cuda" and "fastseq.kernels.scl_ffn_triton" in sys.modules:
+        raise pytest.UsageError("--device cuda: the Triton kernels were imported (under the interpreter) before "
+                                "the tests started; a plugin or conftest imported fastseq.kernels.scl_ffn_triton")
+    devices.configure(config.getoption("device"))
+
+
+def _uses_device_fixture(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "device" in getattr(item, "fixturenames", ()) and "device" not in params
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("device") != "cuda":
+        return
+    if devices.UNAVAILABLE:
+        skip = pytest.mark.skip(reason=f"--device cuda: {devices.UNAVAILABLE}")
+        for item in items:
+            item.add_marker(skip)
+        return
+    cpu_only = pytest.mark.skip(reason=f"CPU-only test; --device cuda runs {DEVICE_AWARE}")
+    for item in items:
+        if not _uses_device_fixture(item):
+            item.add_marker(cpu_only)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device the test builds its tensors on (``--device``)."""
+    return devices.DEVICE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_tile_config_on_cuda(request):
+    """On CUDA, one tile config per kernel (autotuning every odd test shape would compile and
+    time every config each time); test_every_tile_config_matches_reference covers them all."""
+    if devices.DEVICE.type != "cuda" or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from fastseq.kernels.scl_ffn_triton import pinned_configs
+
+    with pinned_configs(gemm=1, p=0):
+        yield

@@ -10,11 +10,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fastseq.kernels as K  # noqa: E402
+from devices import DEVICE  # noqa: E402
 from fastseq.kernels import scl_ffn, scl_ffn_reference  # noqa: E402
 from fastseq.kernels.testing import SwiGLU, as_args, count_saved_activations, make_scl_inputs  # noqa: E402
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None and K.triton_available("cpu")
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+# the tests taking `device` run on `pytest --device` (CUDA: the real Triton compiler); the others test
+# CPU dispatch and run on the CPU only
+HAS_TRITON = importlib.util.find_spec("triton") is not None and K.triton_available(DEVICE)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=f"no triton on {DEVICE.type}"))]
 KW = dict(ffn_activation="silu", scl_activation="silu", scale=1.0)
 
 
@@ -64,8 +67,8 @@ def test_import_without_triton_does_not_import_triton():
 # ---------------------------------------------------------------- frozen weights, recompute
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", [1, 2])
-def test_frozen_weights_get_no_grad(backend, level):
-    inp = make_scl_inputs(9, 16, 24, 3, bias=True)
+def test_frozen_weights_get_no_grad(backend, level, device):
+    inp = make_scl_inputs(9, 16, 24, 3, bias=True, device=device)
     frozen = [nn.Parameter(inp[k].detach().clone(), requires_grad=False)
               for k in ("up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")]
     args = list(as_args(inp))
@@ -90,16 +93,17 @@ class _Dequant:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_callable_weights_recomputed_and_shared_buffer_safe(backend):
-    inp = make_scl_inputs(11, 16, 24, 3, bias=False)
+def test_callable_weights_recomputed_and_shared_buffer_safe(backend, device):
+    inp = make_scl_inputs(11, 16, 24, 3, bias=False, device=device)
     ref = scl_ffn_reference(*as_args(inp), **KW)
-    dy = torch.randn(ref.shape)
+    dy = torch.randn(ref.shape, device=device)
     g_ref = torch.autograd.grad(ref, [inp["x"], inp["compress_weight"], inp["expand_weight"]], dy)
     calls = {}
     for level in (1, 2):
         # torch path: every weight may share one buffer (used right after each call);
         # the fused Triton kernel reads gate and up together: one buffer per role
-        bufs = [torch.empty(16 * 24)] if backend == "torch" else [torch.empty(16 * 24) for _ in range(3)]
+        bufs = ([torch.empty(16 * 24, device=device)] if backend == "torch"
+                else [torch.empty(16 * 24, device=device) for _ in range(3)])
         ws = {k: _Dequant(inp[k].detach(), bufs[i % len(bufs)])
               for i, k in enumerate(("up_weight", "gate_weight", "down_weight"))}
         args = list(as_args(dict(inp, **ws)))
@@ -117,9 +121,9 @@ def test_callable_weights_recomputed_and_shared_buffer_safe(backend):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="no triton")
-def test_triton_rejects_gate_and_up_sharing_one_buffer():
-    inp = make_scl_inputs(5, 8, 12, 2)
-    buf = torch.empty(8 * 12)
+def test_triton_rejects_gate_and_up_sharing_one_buffer(device):
+    inp = make_scl_inputs(5, 8, 12, 2, device=device)
+    buf = torch.empty(8 * 12, device=device)
     ws = {k: _Dequant(inp[k].detach(), buf) for k in ("up_weight", "gate_weight")}
     with pytest.raises(ValueError, match="same buffer"):
         scl_ffn(*as_args(dict(inp, **ws)), checkpoint_level=1, backend="triton", **KW)
@@ -147,13 +151,13 @@ def test_level1_does_not_recompute_frozen_gemms(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", [1, 2])
-def test_everything_saved_goes_through_save_for_backward(backend, level):
+def test_everything_saved_goes_through_save_for_backward(backend, level, device):
     """A pack hook that moves saved tensors elsewhere (offloading) must see all of them: with
     the hook returning copies and the originals scribbled over, gradients stay right."""
-    inp = make_scl_inputs(9, 16, 24, 3, bias=True, train_down=True)
+    inp = make_scl_inputs(9, 16, 24, 3, bias=True, train_down=True, device=device)
     ref = scl_ffn_reference(*as_args(inp), **KW)
     keys = ["x", "compress_weight", "expand_weight", "down_weight"]
-    dy = torch.randn(ref.shape)
+    dy = torch.randn(ref.shape, device=device)
     g_ref = torch.autograd.grad(ref, [inp[k] for k in keys], dy)
     packed = []
 

@@ -61,12 +61,14 @@ def loss_of(arch: str, out) -> torch.Tensor:
 
 
 def train_steps(model, arch: str, steps: int = 2, lr: float = 1e-2, opt_cls=torch.optim.AdamW):
-    """``steps`` optimizer steps on ``loss_of``: (losses, per-step {name: grad clone})."""
+    """``steps`` optimizer steps on ``loss_of`` (inputs on the model's device): (losses, per-step
+    {name: grad clone})."""
     opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
+    dev = next(model.parameters()).device
     losses, grads = [], []
     for step in range(steps):
         opt.zero_grad()
-        loss = loss_of(arch, model(**inputs(arch, seed=step)))
+        loss = loss_of(arch, model(**{k: v.to(dev) for k, v in inputs(arch, seed=step).items()}))
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
