@@ -171,15 +171,21 @@ def ffn_shape(p: dict) -> tuple[int, int, int, bool]:
     return sites[0].d_model, sites[0].d_ffn, len(sites), bool(task.head_modules_for(model))
 
 
+def plain_scl_budget(p: dict, d: int, f: int) -> int:
+    """The study's budget per layer: plain SCL (residual, C trained) at rank p['r'], 2 f r."""
+    from fastseq.config import SCLConfig
+
+    return SCLConfig(r=p["r"], placement="residual", train_compress=True).adapter_params_per_layer(d, f)
+
+
 def arm_overrides(arm: str, p: dict, shape) -> dict:
     """ExperimentConfig fields of an arm at the study's budget (plain SCL at rank p['r'])."""
-    from fastseq.config import SCLConfig
     from fastseq.fed.methods import scl_rank_for_budget
 
     d, f = shape[:2]
     o = dict(ARMS[arm])
     if is_scl(arm):
-        budget = SCLConfig(r=p["r"]).adapter_params_per_layer(d, f)
+        budget = plain_scl_budget(p, d, f)
         o["r"] = scl_rank_for_budget(budget, d, f, o.get("scl_placement", "residual"), o.get("scl_train_compress", True))
     else:  # the runtime matches the LoRA rank to plain SCL at this rank (pinned: never a changed default)
         o.update(r=p["r"], scl_placement="residual", scl_train_compress=True)
@@ -510,10 +516,9 @@ def study(a) -> dict:
                       scl_layers=upper, r=r2) for al, s in ex_grid]
         if "fedsa-lora" in finalists:  # FedSA-LoRA sends A only: double its rank to send the budget's bytes
             from fastseq.fed.methods import matched_lora_rank
-            from fastseq.config import SCLConfig
 
             d, f = shape[:2]
-            r_sa = 2 * matched_lora_rank(SCLConfig(r=p["r"]).adapter_params_per_layer(d, f), d, f)
+            r_sa = 2 * matched_lora_rank(plain_scl_budget(p, d, f), d, f)
             ex += [mk("extras", "fedsa-lora", al, s, chosen["fedsa-lora"][0], head_lr, p["rounds"],
                       variant="matched-bytes", lora_r=r_sa) for al, s in ex_grid]
         extra_runs += execute(ex, jobs, "extras")

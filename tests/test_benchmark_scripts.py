@@ -169,3 +169,16 @@ def test_accuracy_study_runs_a_causal_lm_and_a_vision_task(tmp_path, model, task
     assert doc["meta"]["metric"] == metric and doc["meta"]["model"] == model
     (row,) = doc["rows"]
     assert row["metric"] == metric and _finite(row["last3_mean"]) and row["total_bytes_mean"] > 0
+
+
+def test_accuracy_study_budget_is_plain_scl_whatever_the_defaults():
+    """The budget is plain SCL (residual, C trained) at rank r, 2 f r per layer, not the library's
+    default variant; every arm's rank is matched to it and pins its variant fields."""
+    st = _load("scripts/accuracy_study.py")
+    p, shape = {"r": 8}, (384, 1536, 6, True)
+    assert st.plain_scl_budget(p, 384, 1536) == 2 * 1536 * 8
+    ranks = {arm: st.arm_overrides(arm, p, shape)["r"] for arm in st.ARMS}
+    assert ranks["scl"] == 8 and ranks["scl-frozenC"] == 16 and ranks["scl-parallel-frozenC"] == 64
+    for arm in st.ARMS:
+        o = st.arm_overrides(arm, p, shape)
+        assert {"scl_placement", "scl_train_compress"} <= set(o), arm
