@@ -60,6 +60,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,10 @@ def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
 
         def one(spec: Spec):
             t0 = time.time()
+            out = Path(spec.cfg["out"])
+            if out.exists():  # the study's own interrupted run, or one of an older config: replaced
+                tqdm.write(f"  replacing {out} (unfinished or another config)")
+                shutil.rmtree(out)
             try:
                 _run_here(spec) if jobs == 1 else _run_subprocess(spec, threads)
             except Exception as e:  # keep the study going; the report lists the failure

@@ -140,6 +140,23 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(tmp_path, capsys):
     assert [h["round"] for h in history(out)] == [0, 1, 2]
 
 
+def test_a_new_run_never_writes_over_an_earlier_one(tmp_path, capsys):
+    """`fastseq run --out DIR` where DIR holds a run: one line, exit 2, every file untouched;
+    an empty existing directory is fine."""
+    out = tmp_path / "run"
+    run_experiment(tiny_config(tmp_path, "run", rounds=1), **QUIET)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(dict(tiny_config(tmp_path, "run", rounds=1).to_dict(), lr=3e-2)))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"output directory {out} already holds a run" in err and "--resume" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    (tmp_path / "empty").mkdir()
+    run_experiment(tiny_config(tmp_path, "empty", rounds=1), **QUIET)
+    assert (tmp_path / "empty" / "summary.json").is_file()
+
+
 # --- progress bars ---------------------------------------------------------------------------
 
 class _Stream(io.StringIO):

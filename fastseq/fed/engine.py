@@ -144,6 +144,17 @@ def check_resume(cfg: ExperimentConfig, out: Path) -> Path:
     return ckpt
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+def check_no_earlier_run(out: Path) -> None:
+    """A new run never writes over an earlier one: ``out`` must not hold a run's files."""
+    found = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if found:
+        raise ConfigError(f"output directory {out} already holds a run ({', '.join(found)}); pass --resume {out} "
+                          f"to continue it, or another --out (nothing was changed)")
+
+
 @contextlib.contextmanager
 def output_directory(out: Path) -> Iterator[None]:
     """Create ``out`` (and its missing parents) for the body; if the body fails (or is
@@ -222,6 +233,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
     check_output_path(out)
+    if not resume:
+        check_no_earlier_run(out)
     ckpt = check_resume(cfg, out) if resume else None
     with library_progress_bars(show_progress(cfg)):
         # Everything that can fail on the user's input fails here, before any file is written.
