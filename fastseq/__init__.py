@@ -41,6 +41,15 @@ from .adapters import (  # noqa: E402
 from .config import ConfigError, SCLConfig  # noqa: E402
 
 __all__ = [
-    "AdapterError", "ConfigError", "SCLConfig", "UnsupportedModelError", "__version__", "count_parameters",
+    "AdapterError", "ConfigError", "SCLConfig", "SCLPeftConfig", "UnsupportedModelError", "__version__", "count_parameters",
     "find_ffn_sites", "get_scl_model", "load_adapter", "save_adapter", "scl_parameter_names",
 ]
+
+
+def __getattr__(name: str):
+    # SCL as a PEFT method needs peft (the `lora` extra): imported on first use only.
+    if name == "SCLPeftConfig":
+        from .adapters.peft_method import SCLPeftConfig
+
+        return SCLPeftConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
