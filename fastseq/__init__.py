@@ -49,7 +49,11 @@ __all__ = [
 def __getattr__(name: str):
     # SCL as a PEFT method needs peft (the `lora` extra): imported on first use only.
     if name == "SCLPeftConfig":
-        from .adapters.peft_method import SCLPeftConfig
-
+        try:
+            from .adapters.peft_method import SCLPeftConfig
+        except ModuleNotFoundError as exc:
+            if exc.name != "peft":
+                raise
+            raise ImportError("fastseq.SCLPeftConfig needs peft>=0.20: pip install 'fastseq[lora]'") from exc
         return SCLPeftConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,14 +27,22 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import peft
-import peft.mapping
-from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from torch import nn
+from packaging.version import Version
 
-from ..config import SCLConfig
-from .registry import FFNSite, detect_activation, find_ffn_sites
-from .scl import AdapterError, SCLFeedForward, SCLLayer, _device_of, _select_sites, compress_generator
+# Before 0.20, get_peft_model_state_dict raised "Unknown PEFT type" for any peft_type outside
+# PeftType; 0.20 (huggingface/peft#3490) hands the state dict to the tuner class.
+if Version(peft.__version__) < Version("0.20.0"):
+    raise ImportError(f"SCL as a PEFT method needs peft>=0.20 (an out-of-tree method cannot save with older "
+                      f"versions); found peft {peft.__version__}. fastseq.get_scl_model works without it")
+
+import peft.mapping  # noqa: E402
+from peft.config import PeftConfig  # noqa: E402
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ..config import SCLConfig  # noqa: E402
+from .registry import FFNSite, detect_activation, find_ffn_sites  # noqa: E402
+from .scl import AdapterError, SCLFeedForward, SCLLayer, _device_of, _select_sites, compress_generator  # noqa: E402
 
 METHOD_PREFIX = "scl_"
 
