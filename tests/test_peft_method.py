@@ -13,7 +13,7 @@ import fastseq  # noqa: E402
 from fastseq import SCLConfig  # noqa: E402
 from fastseq.adapters import AdapterError  # noqa: E402
 
-from tiny_models import build, inputs, loss_of, output_tensor, train_steps  # noqa: E402
+from tiny_models import BUILDERS, HEADS, build, inputs, loss_of, output_tensor, train_steps  # noqa: E402
 
 VARIANTS = [("parallel", False), ("parallel", True), ("residual", False), ("residual", True)]
 # BERT's classifier head goes through PEFT's own modules_to_save.
@@ -72,6 +72,19 @@ def test_training_changes_only_scl_and_save_load_round_trips(arch, placement, tr
     assert fastseq.count_parameters(loaded).trainable == 0  # loaded for inference by default
     trainable = peft.PeftModel.from_pretrained(build(arch), tmp_path, is_trainable=True)
     assert fastseq.count_parameters(trainable).trainable == fastseq.count_parameters(model).trainable
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_every_registered_architecture_round_trips(arch, tmp_path):
+    model = build(arch)
+    base = copy.deepcopy(model).requires_grad_(False)
+    config = fastseq.SCLPeftConfig(r=4, backend="torch", modules_to_save=list(HEADS.get(arch, ())) or None)
+    model = peft.get_peft_model(model, config)  # the default variant, on the fused path (level 1)
+    torch.testing.assert_close(logits(arch, model), logits(arch, base), rtol=0, atol=0)
+    train_steps(model, arch, steps=1)
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(build(arch), tmp_path)
+    torch.testing.assert_close(logits(arch, loaded), logits(arch, model), rtol=0, atol=0)
 
 
 def test_auto_peft_model_loads_from_a_saved_base(tmp_path):
