@@ -179,3 +179,18 @@ def test_every_aggregator_composes_with_every_method(tmp_path, method, aggregato
     rows = history(cfg.out)
     assert rows[-1]["clients"] == ["0", "1", "2"] and not rows[-1]["skipped"]
     assert summary["final"] is not None
+
+
+def test_robustness_keys_survive_the_flower_run_config():
+    from fastseq.flower.config import from_run_config, to_run_config
+
+    cfg = ExperimentConfig.from_dict(dict(engine="flower", aggregator="norm-clip", norm_bound=0.5))
+    back, _ = from_run_config(to_run_config(cfg))
+    assert (back.aggregator, back.norm_bound, back.byzantine, back.attack) == ("norm-clip", 0.5, 0, None)
+
+
+def test_nan_attack_under_a_quantizing_codec_is_dropped_too(tmp_path):
+    cfg = tiny_config(tmp_path, rounds=2, clients=3, clients_per_round=3, byzantine=1, attack="nan", codec="int8")
+    run_experiment(cfg, echo=lambda *a: None)
+    for r in history(cfg.out)[1:]:
+        assert [d["client"] for d in r["dropped"]] == r["hostile"] and len(r["clients"]) == 2
