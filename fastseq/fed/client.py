@@ -221,7 +221,8 @@ class Client:
         return losses
 
     # -- the two entry points --------------------------------------------------------------
-    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
+    def fit(self, downlink_blob: bytes, round: int, attack: Any = None) -> tuple[bytes, dict[str, Any]]:
+        """``attack`` (an :class:`.attacks.Attack`, local engine only) tampers with the delta."""
         cfg, method = self.train_cfg, self.rt.method
         known, local, ef_state = self._receive(downlink_blob, round, round - 1)
         method.load(known)
@@ -235,6 +236,8 @@ class Client:
 
         now = method.shared_state()
         delta = {k: now[k] - known[k].float() for k in shared}
+        if attack is not None:
+            delta = attack.apply(delta, round, self.client_id)
         train_loss = sum(losses) / len(losses)
         n = len(self.examples)
         extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}

@@ -140,8 +140,8 @@ class DeepSpeedClient(Client):
         self.ds = deepspeed or DeepSpeedConfig()
         self.last_losses: list[float] = []
 
-    def fit(self, downlink_blob: bytes, round: int) -> tuple[bytes, dict[str, Any]]:
-        blob, metrics = super().fit(downlink_blob, round)
+    def fit(self, downlink_blob: bytes, round: int, attack: Any = None) -> tuple[bytes, dict[str, Any]]:
+        blob, metrics = super().fit(downlink_blob, round, attack=attack)
         if self.ds.enabled:
             metrics["deepspeed_zero_stage"] = self.ds.zero_stage
         return blob, metrics

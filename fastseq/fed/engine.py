@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..models import resolve_model_source
+from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
 
@@ -279,14 +280,18 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     for r in tqdm(rounds, desc="rounds", disable=not progress, initial=start - 1, total=cfg.rounds):
         t0 = time.time()
         plan = server.configure_round(r)
+        hostile = hostile_clients([cid for cid, _ in plan], cfg.byzantine, cfg.seed, r)
+        attack = Attack(cfg.attack, cfg.attack_scale, cfg.seed) if hostile else None
         results, failures, client_metrics = [], [], {}
-        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress)):
+        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress, hostile, attack)):
             if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
                 failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
             else:
                 results.append((cid, outcome[0]))
                 client_metrics[cid] = outcome[1]
         rec = server.aggregate(r, results, failures)
+        if cfg.byzantine > 0:
+            rec["hostile"] = hostile
         down_before = server.bytes.summary(r)["downlink_bytes"]
         if personalized:
             evs = []
@@ -312,19 +317,24 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     return finish(cfg, rt, server, out, echo)
 
 
-def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progress: bool) -> list:
+def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progress: bool,
+                hostile: list[str] = (), attack: Attack | None = None) -> list:
     """One round's fits, in plan order: ``(uplink_blob, metrics)`` or the client's exception.
 
     Clients whose class offers ``fit_many`` (Flower's remote clients) get all their fits sent
     at once, so they train concurrently; in-process clients share one model and go in turn.
+    The ``hostile`` clients fit with ``attack`` (simulated in process only).
     """
     fit_many = getattr(type(clients[plan[0][0]]), "fit_many", None) if plan else None
     if fit_many is not None:
+        if hostile:
+            raise ConfigError("byzantine clients are simulated by the local engine only; use --engine local")
         return fit_many([(clients[cid], down) for cid, down in plan], round)
     outcomes: list = []
     for cid, down in tqdm(plan, desc=f"round {round} clients", leave=False, disable=not progress):
         try:
-            outcomes.append(clients[cid].fit(down, round))
+            kw = {"attack": attack} if cid in hostile else {}
+            outcomes.append(clients[cid].fit(down, round, **kw))
         except Exception as e:
             log.debug("client %s failed", cid, exc_info=True)
             outcomes.append(e)
@@ -340,6 +350,8 @@ def _line(rec: dict) -> str:
     parts.append(f"up {rec.get('uplink_bytes', 0):,} B, down {rec.get('downlink_bytes', 0):,} B")
     if rec.get("dropped"):
         parts.append(f"dropped {[d['client'] for d in rec['dropped']]}")
+    if rec.get("hostile"):
+        parts.append(f"hostile {rec['hostile']}")
     return ", ".join(parts)
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from .aggregators import AGGREGATORS, trim_count
+from .attacks import ATTACKS
 from .client import Client, TrainConfig, derive_seed
 from .methods import Method, get_method, list_methods
 from .partition import PARTITIONERS, format_histogram, partition
@@ -99,6 +101,14 @@ class ExperimentConfig:
     stochastic: bool = False
     error_feedback: bool = False
     downlink_codec: str = "none"
+    # Robust aggregation (fastseq.fed.aggregators): mean | median | trimmed-mean | norm-clip
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2          # trimmed-mean: drop floor(f * n) values at each end
+    norm_bound: float | None = None     # norm-clip: each client's delta to L2 norm <= this
+    # Simulated hostile clients (local engine only, fastseq.fed.attacks)
+    byzantine: int = 0
+    attack: str | None = None           # sign-flip | scale | noise | nan
+    attack_scale: float = 10.0
     seed: int = 0
     engine: str = "local"
     device: str = "auto"
@@ -214,6 +224,7 @@ class ExperimentConfig:
         for key in ("lora_dropout", "server_momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        self._validate_robustness(choice)
         if self.dtype is not None:
             choice("dtype", DTYPES)
         if not DEVICE_RE.fullmatch(self.device):
@@ -238,6 +249,38 @@ class ExperimentConfig:
             if not os.path.exists(p) and not looks_like_hub_id(p):
                 raise ConfigError(f"data_path {self.data_path!r} does not exist (and is not a hub id 'owner/name')")
 
+    def _validate_robustness(self, choice) -> None:
+        choice("aggregator", AGGREGATORS)
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5) (e.g. 0.2), got {self.trim_fraction!r}")
+        n = self.clients_per_round
+        if self.aggregator == "trimmed-mean" and trim_count(self.trim_fraction, n) == 0:
+            need = math.ceil(100 / n) / 100
+            fix = (f"pass --trim-fraction {need} or more" if need < 0.5
+                   else "trimmed-mean needs --clients-per-round 3 or more")
+            raise ConfigError(f"trim_fraction={self.trim_fraction} trims no client of clients_per_round={n}; {fix}")
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise ConfigError(f"norm_bound must be a positive number, got {self.norm_bound!r}")
+        if self.aggregator == "norm-clip" and self.norm_bound is None:
+            raise ConfigError("aggregator norm-clip needs --norm-bound B (the L2 bound on each client's delta)")
+        if self.aggregator != "norm-clip" and self.norm_bound is not None:
+            raise ConfigError(f"norm_bound is used only by --aggregator norm-clip (aggregator is {self.aggregator!r})")
+        if self.byzantine < 0:
+            raise ConfigError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
+        if self.byzantine > n:
+            raise ConfigError(f"byzantine={self.byzantine} exceeds clients_per_round={n}")
+        if self.attack is not None:
+            choice("attack", ATTACKS)
+        if self.byzantine > 0 and self.attack is None:
+            raise ConfigError(f"byzantine={self.byzantine} needs --attack (one of {', '.join(ATTACKS)})")
+        if self.byzantine == 0 and self.attack is not None:
+            raise ConfigError(f"attack={self.attack!r} needs --byzantine K (K > 0 hostile clients per round)")
+        if not self.attack_scale > 0:
+            raise ConfigError(f"attack_scale must be a positive number, got {self.attack_scale!r}")
+        if self.byzantine > 0 and self.engine != "local":
+            raise ConfigError("byzantine clients are simulated by the local engine only; use --engine local "
+                              "(or --byzantine 0)")
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, local_epochs=self.local_epochs, lr=self.lr,
                            head_lr=self.head_lr, compress_lr=self.scl_compress_lr, batch_size=self.batch_size, grad_accum=self.grad_accum, weight_decay=self.weight_decay,
@@ -248,7 +291,9 @@ class ExperimentConfig:
     def server_config(self) -> ServerConfig:
         return ServerConfig(num_clients=self.clients, clients_per_round=self.clients_per_round, seed=self.seed,
                             min_clients=self.min_clients, server_opt=self.server_opt, server_lr=self.server_lr,
-                            server_momentum=self.server_momentum, downlink_codec=self.downlink_codec)
+                            server_momentum=self.server_momentum, downlink_codec=self.downlink_codec,
+                            aggregator=self.aggregator, trim_fraction=self.trim_fraction,
+                            norm_bound=self.norm_bound)
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -165,12 +165,13 @@ class Method(abc.ABC):
 
     # -- aggregation ---------------------------------------------------------------------
     def aggregate(self, global_state: dict[str, torch.Tensor], client_states: Sequence[dict[str, torch.Tensor]],
-                  weights: Sequence[float]) -> dict[str, torch.Tensor]:
+                  weights: Sequence[float], combine: Callable = weighted_mean) -> dict[str, torch.Tensor]:
         """Target global state from the clients' shared states (after local training).
 
-        The server optimizer then moves the shared tensors towards this target; extras
-        (names not in ``shared_names``) are taken as returned."""
-        return weighted_mean(client_states, weights, self.shared_names())
+        ``combine(states, weights, names)`` is the weighted mean or a robust aggregator
+        (:mod:`.aggregators`). The server optimizer then moves the shared tensors towards this
+        target; extras (names not in ``shared_names``) are taken as returned."""
+        return combine(client_states, weights, self.shared_names())
 
     # -- output --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -330,14 +331,15 @@ class FedExLoRA(LoRAMethod):
         with torch.no_grad():
             w.copy_((self.base0[m].float() + tensor.float().to(w.device)).to(w.dtype))
 
-    def aggregate(self, global_state, client_states, weights):
-        out = weighted_mean(client_states, weights, self.shared_names())
-        total = float(sum(weights))
+    def aggregate(self, global_state, client_states, weights, combine=weighted_mean):
+        # A and B are combined separately, and so are the clients' products B_k A_k: the
+        # effective update s * combine(B_k A_k) is what a robust combiner protects; the residual
+        # makes up the gap to s * combine(B) combine(A).
+        out = combine(client_states, weights, self.shared_names())
         for m, a, b, s in self.pairs:
             key = self.PREFIX + m
-            mean_prod = torch.zeros_like(global_state[key])
-            for st, w in zip(client_states, weights):
-                mean_prod += (w / total) * (st[b].float() @ st[a].float())
+            prods = [{key: st[b].float() @ st[a].float()} for st in client_states]
+            mean_prod = combine(prods, weights, [key])[key]
             out[key] = global_state[key] + s * (mean_prod - out[b] @ out[a])
         return out
 

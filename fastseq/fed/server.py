@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..comm import ByteCounter, DownlinkState, Expected, PayloadError, decode
+from .aggregators import clip_update, get_combiner
 from .client import derive_seed
 from .methods import Method
 from .server_opt import ServerOptimizer
@@ -35,6 +36,9 @@ class ServerConfig:
     downlink_codec: str = "none"
     uplink_codecs: tuple[str, ...] | None = None
     max_update_bytes: int | None = None
+    aggregator: str = "mean"          # see .aggregators
+    trim_fraction: float = 0.2
+    norm_bound: float | None = None   # norm-clip's L2 bound on each client's delta
 
 
 class Server:
@@ -45,6 +49,9 @@ class Server:
         self.log = logger or log.info
         self.global_state = {k: v.detach().float().clone() for k, v in initial_state.items()}
         self.shared = list(method.shared_names())
+        self.combine = get_combiner(cfg.aggregator, cfg.trim_fraction)
+        if cfg.aggregator == "norm-clip" and not (cfg.norm_bound or 0) > 0:
+            raise ValueError("aggregator norm-clip needs a positive norm_bound")
         self.opt = ServerOptimizer(cfg.server_opt, cfg.server_lr, momentum=cfg.server_momentum)
         self.down = DownlinkState(cfg.downlink_codec)
         self.bytes = ByteCounter()
@@ -84,7 +91,7 @@ class Server:
         expected = Expected(tensors={n: (s, None) for n, s in self._shapes.items()}, round=round,
                             method=self.method.name, direction="up", codecs=self.cfg.uplink_codecs,
                             max_bytes=self.cfg.max_update_bytes)
-        states, weights, ok, losses = [], [], [], []
+        states, weights, ok, losses, clipped = [], [], [], [], []
         for cid, blob in results:
             cid = str(cid)
             try:
@@ -104,7 +111,12 @@ class Server:
                 self.log(f"round {round}: dropped client {cid}: {type(e).__name__}: {e}")
                 continue
             self.bytes.record(upd)
-            states.append({n: known[n].float() + upd.tensors[n].float() for n in self.shared})
+            tensors = upd.tensors
+            if self.cfg.aggregator == "norm-clip":
+                tensors, norm = clip_update({n: tensors[n] for n in self.shared}, self.cfg.norm_bound)
+                if norm > self.cfg.norm_bound:
+                    clipped.append(cid)
+            states.append({n: known[n].float() + tensors[n].float() for n in self.shared})
             weights.append(float(upd.example_count))
             ok.append(cid)
             tl = upd.extra.get("train_loss")
@@ -118,12 +130,14 @@ class Server:
             "examples": int(sum(weights)),
             "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
         }
+        if self.cfg.aggregator == "norm-clip":
+            record["clipped"] = clipped  # clients whose delta was scaled down to norm_bound
         if len(ok) < max(1, self.cfg.min_clients):
             record["skipped"] = True
             self.log(f"round {round}: only {len(ok)} valid updates (< min_clients={self.cfg.min_clients}); "
                      "the global state is unchanged")
         else:
-            target = self.method.aggregate(self.global_state, states, weights)
+            target = self.method.aggregate(self.global_state, states, weights, combine=self.combine)
             delta = {n: target[n] - self.global_state[n] for n in self.shared}
             new = self.opt.step(self.global_state, delta)
             state = dict(self.global_state)
