@@ -768,6 +768,8 @@ def plot(doc, rows, metric, stem):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     curves = [c for c in doc["curves"] if c["variant"] == "main" and c["codec"] == "none"]
     alphas = list(dict.fromkeys(str(c["alpha"]) for c in curves))
     title = f"{doc['meta']['task']} / {doc['meta']['model']} ({doc['meta']['git_commit']}, {doc['meta']['device_name']})"
@@ -783,6 +785,8 @@ def plot(doc, rows, metric, stem):
             ax.set_xlabel(xlabel)
             if kind == "bytes":
                 ax.set_xscale("log")
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axes[0][0].set_ylabel(f"test {metric} (mean +- std over seeds)")
         axes[0][0].legend(fontsize=7)
         fig.suptitle(title, fontsize=9)
