@@ -743,8 +743,10 @@ def markdown(doc: dict, rows: list[dict], metric: str) -> str:
               "runs on the same seeds (95% interval).", "",
               "| arm | variant | alpha | score | vs main | KB/round/client |", "|---|---|---|---|---|---|"]
         for r in extras:
-            vs = (f"{r['vs_main_mean']:+.3f} [{r['vs_main_ci_low']:+.3f}, {r['vs_main_ci_high']:+.3f}]"
-                  if "vs_main_mean" in r else "-")
+            vs = "-"
+            if "vs_main_mean" in r:  # one seed has no interval
+                vs = f"{r['vs_main_mean']:+.3f}" + (f" [{r['vs_main_ci_low']:+.3f}, {r['vs_main_ci_high']:+.3f}]"
+                                                    if math.isfinite(r["vs_main_ci_low"]) else " (one seed)")
             L.append(f"| {r['arm']} | {r['variant']} | {r['alpha']} | {_fmt(r['last3_mean'], r['last3_std'])} | {vs} | "
                      f"{r['round_bytes_per_client'] / 1e3:,.0f} |")
         if "fedavgm_server_lr" in doc:
