@@ -12,7 +12,7 @@ import fastseq
 from fastseq import SCLConfig
 from fastseq.adapters import AdapterError, UnsupportedModelError
 
-from tiny_models import BUILDERS, HEADS, PLAIN_SCL, build, inputs, loss_of, output_tensor
+from tiny_models import BUILDERS, HEADS, PLAIN_SCL, build, hf_trainer_steps, inputs, loss_of, output_tensor
 
 ARCHS = sorted(BUILDERS)
 LEVELS = (0, 1, 2)
@@ -130,23 +130,10 @@ def test_siglip_pooling_head_mlp_is_adapted():
 
 
 def test_hf_trainer_step_runs(tmp_path):
-    from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
-
     _, model, _ = inject("bert")
     model.train()
-
-    class Toy(Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"input_ids": torch.randint(3, 128, (6,)), "labels": torch.tensor(i % 3)}
-
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, learning_rate=1e-2, save_strategy="no")
     before = model.bert.encoder.layer[0].intermediate.scl.expand.weight.detach().clone()
-    Trainer(model=model, args=args, train_dataset=Toy()).train()
+    hf_trainer_steps(model, tmp_path)
     assert not torch.equal(before, model.bert.encoder.layer[0].intermediate.scl.expand.weight)
 
 

@@ -13,7 +13,7 @@ import fastseq  # noqa: E402
 from fastseq import SCLConfig  # noqa: E402
 from fastseq.adapters import AdapterError  # noqa: E402
 
-from tiny_models import BUILDERS, HEADS, build, inputs, loss_of, output_tensor, train_steps  # noqa: E402
+from tiny_models import BUILDERS, HEADS, build, hf_trainer_steps, inputs, loss_of, output_tensor, train_steps  # noqa: E402
 
 VARIANTS = [("parallel", False), ("parallel", True), ("residual", False), ("residual", True)]
 # BERT's classifier head goes through PEFT's own modules_to_save.
@@ -104,24 +104,11 @@ def test_auto_peft_model_loads_from_a_saved_base(tmp_path):
 
 
 def test_hf_trainer_step(tmp_path):
-    from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
-
     _, model, _ = peft_scl("bert", task_type="SEQ_CLS")
     model.train()
-
-    class Toy(Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"input_ids": torch.randint(3, 128, (6,)), "labels": torch.tensor(i % 3)}
-
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, learning_rate=1e-2, save_strategy="no")
     out = model.base_model.model.bert.encoder.layer[0].intermediate.scl_out["default"]
     before = out.weight.detach().clone()
-    Trainer(model=model, args=args, train_dataset=Toy()).train()
+    hf_trainer_steps(model, tmp_path)
     assert not torch.equal(before, out.weight)
 
 

@@ -74,3 +74,20 @@ def train_steps(model, arch: str, steps: int = 2, lr: float = 1e-2, opt_cls=torc
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
     return losses, grads
+
+
+def hf_trainer_steps(model, out_dir, steps: int = 2) -> None:
+    """``steps`` HF Trainer steps of a tiny 3-label text classifier (BERT-style inputs)."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Toy(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.randint(3, 128, (6,)), "labels": torch.tensor(i % 3)}
+
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, learning_rate=1e-2, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=Toy()).train()
