@@ -34,8 +34,8 @@ whose directory has a ``summary.json`` with the same config is reused):
    is a finalist.
 
 Modes: the default is the full study on MiniLM + BBC News (2,225 articles, a 30% test split of
-668 examples, 10% of each client's data for validation): about 4 hours on the 2-core CPU with
-``--jobs 2``. ``--quick`` shrinks every size (minutes); ``--smoke`` is tiny-bert on the synthetic
+668 examples, 10% of each client's data for validation): 182 runs, about 12 hours of run time,
+6 hours of wall time on the 2-core CPU with ``--jobs 2`` (147 of them took 9.8 h of run time). ``--quick`` shrinks every size (minutes); ``--smoke`` is tiny-bert on the synthetic
 task (seconds, for tests). Other tasks: ``--task chatterbot-qa --model gemma-3-270m`` (metric:
 teacher-forced ROUGE-L), any image task (accuracy). ``--arms`` picks the arms to screen;
 ``--finalists-from-arms`` makes them the finalists (the screening then only picks their lrs).
