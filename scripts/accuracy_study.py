@@ -77,9 +77,11 @@ if str(ROOT / "benchmarks") not in sys.path:  # only benchmarks/: the root would
     sys.path.insert(0, str(ROOT / "benchmarks"))
 from provenance import provenance, write_results  # noqa: E402
 
-# every SCL arm pins both variant fields: the defaults are the study's winner and may change again
+# The budget's layer: plain SCL (the paper's residual layer, C trained). Every arm pins both
+# variant fields: SCLConfig's defaults are the study's winner and may change again.
+PLAIN_SCL = dict(scl_placement="residual", scl_train_compress=True)
 ARMS: dict[str, dict] = {
-    "scl": dict(method="scl", scl_placement="residual", scl_train_compress=True),
+    "scl": dict(method="scl", **PLAIN_SCL),
     "scl-frozenC": dict(method="scl", scl_placement="residual", scl_train_compress=False),
     "scl-parallel": dict(method="scl", scl_placement="parallel", scl_train_compress=True),
     "scl-parallel-frozenC": dict(method="scl", scl_placement="parallel", scl_train_compress=False),
@@ -176,7 +178,8 @@ def plain_scl_budget(p: dict, d: int, f: int) -> int:
     """The study's budget per layer: plain SCL (residual, C trained) at rank p['r'], 2 f r."""
     from fastseq.config import SCLConfig
 
-    return SCLConfig(r=p["r"], placement="residual", train_compress=True).adapter_params_per_layer(d, f)
+    plain = SCLConfig(r=p["r"], placement=PLAIN_SCL["scl_placement"], train_compress=PLAIN_SCL["scl_train_compress"])
+    return plain.adapter_params_per_layer(d, f)
 
 
 def arm_overrides(arm: str, p: dict, shape) -> dict:
@@ -189,7 +192,7 @@ def arm_overrides(arm: str, p: dict, shape) -> dict:
         budget = plain_scl_budget(p, d, f)
         o["r"] = scl_rank_for_budget(budget, d, f, o.get("scl_placement", "residual"), o.get("scl_train_compress", True))
     else:  # the runtime matches the LoRA rank to plain SCL at this rank (pinned: never a changed default)
-        o.update(r=p["r"], scl_placement="residual", scl_train_compress=True)
+        o.update(r=p["r"], **PLAIN_SCL)
     return o
 
 

@@ -93,6 +93,14 @@ def _num(v, spec=".2f", scale=1.0) -> str:
     return "" if v is None else format(v * scale, spec)
 
 
+def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A markdown section with one table; nothing when there are no rows."""
+    if not rows:
+        return []
+    return (["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def markdown(results: dict) -> str:
     m = results["meta"]
     env = results["steps"].get("env", {})
@@ -122,26 +130,21 @@ def markdown(results: dict) -> str:
         lines += ["", "## Correctness", "", f"`{c.get('command', '')}`", "", f"{c['counts']}", ""]
         lines += [f"* FAILED {f}" for f in c.get("failed", [])]
         lines += [f"* skipped x{n}: {why}" for why, n in (c.get("skip_reasons") or {}).items()]
-    sweep = _rows(results, "sweep")
-    if sweep:
-        lines += ["", "## Kernel sweep (one FFN layer, bf16, fwd+bwd)", "",
-                  "| variant | shape | T | provider | rank | ms (median) | vs LoRA matched | TFLOP/s | of ceiling | "
-                  "fwd of ceiling | saved MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sweep:
-            lines.append(f"| {r['variant']} | {r['shape']} | {r['tokens']} | {r['provider']} | {r['rank']} | "
-                         f"{r['ms_median']:.3f} | {_num(r.get('speedup_vs_lora'))}x | {r['tflops']:.1f} | "
-                         f"{_num(r.get('frac_ceiling'), '.0%')} | {_num(r.get('fwd_frac_ceiling'), '.0%')} | "
-                         f"{r['saved_bytes'] / 2**20:.1f} | {_num(r.get('peak_bytes'), '.1f', 2**-20)} |")
-    train = _rows(results, "train_step") + _rows(results, "gemma_memory")
-    if train:
-        lines += ["", "## Training steps", "",
-                  "| model | backbone | provider | tokens | tokens/s | vs LoRA | peak alone GiB | planner GiB | "
-                  "planner / measured |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in train:
-            lines.append(f"| {r['model']} ({r['layers']} layers) | {r['backbone']} | {r['provider']} | {r['tokens']} | "
-                         f"{r['tokens_per_s']:.0f} | {_num(r.get('tokens_per_s_vs_lora'))} | "
-                         f"{_num(r.get('cuda_peak_alone_bytes'), '.3f', 1 / GIB)} | "
-                         f"{_num(r.get('plan_estimate_bytes'), '.3f', 1 / GIB)} | {_num(r.get('plan_vs_cuda_peak'))} |")
+    lines += _table("Kernel sweep (one FFN layer, bf16, fwd+bwd)",
+                    ["variant", "shape", "T", "provider", "rank", "ms (median)", "vs LoRA matched", "TFLOP/s",
+                     "of ceiling", "fwd of ceiling", "saved MiB", "peak MiB"],
+                    [[r["variant"], r["shape"], r["tokens"], r["provider"], r["rank"], f"{r['ms_median']:.3f}",
+                      f"{_num(r.get('speedup_vs_lora'))}x", f"{r['tflops']:.1f}", _num(r.get("frac_ceiling"), ".0%"),
+                      _num(r.get("fwd_frac_ceiling"), ".0%"), f"{r['saved_bytes'] / 2**20:.1f}",
+                      _num(r.get("peak_bytes"), ".1f", 2**-20)] for r in _rows(results, "sweep")])
+    lines += _table("Training steps",
+                    ["model", "backbone", "provider", "tokens", "tokens/s", "vs LoRA", "peak alone GiB", "planner GiB",
+                     "planner / measured"],
+                    [[f"{r['model']} ({r['layers']} layers)", r["backbone"], r["provider"], r["tokens"],
+                      f"{r['tokens_per_s']:.0f}", _num(r.get("tokens_per_s_vs_lora")),
+                      _num(r.get("cuda_peak_alone_bytes"), ".3f", 1 / GIB),
+                      _num(r.get("plan_estimate_bytes"), ".3f", 1 / GIB), _num(r.get("plan_vs_cuda_peak"))]
+                     for r in _rows(results, "train_step") + _rows(results, "gemma_memory")])
     g = results["steps"].get("gemma_memory", {})
     if g.get("plan"):
         lines += ["", f"Gemma-2B planner (6 GiB, batch 4 x {g.get('seq')}): {g['plan']}"]
