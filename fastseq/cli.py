@@ -90,6 +90,9 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--validation-split", "validation_split", str, "clients (from each client's data) | pooled (before "
                                                     "partitioning)"),
     ("--test-every", "test_every", int, "score the test split every N rounds (and the last 3)"),
+    ("--personal-eval-clients", "personal_eval_clients", int, "fedsa-lora: score this many clients' own states "
+                                                              "each round, a seeded panel (default: all up to 20, "
+                                                              "else 20)"),
     ("--server-opt", "server_opt", str, "fedavg | fedavgm | fedadam"),
     ("--server-lr", "server_lr", float, "server learning rate (default 1.0, fedadam 0.01)"),
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),

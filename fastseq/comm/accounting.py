@@ -61,6 +61,11 @@ class ByteCounter:
             s["tensors"][k] += v
         return info["total"]
 
+    def forget_before(self, round: int) -> None:
+        """Drop the records of rounds before ``round`` (a long run needs only the current one's)."""
+        for key in [k for k in self._msgs if k[0] < round]:
+            del self._msgs[key]
+
     def rounds(self) -> list[int]:
         return sorted({k[0] for k in self._msgs})
 

@@ -215,6 +215,11 @@ class Codec(abc.ABC):
         """JSON-able parameters recorded in the wire header (enough to decode)."""
         return {"topk": self.topk, "stochastic": self.stochastic}
 
+    @property
+    def lossless(self) -> bool:
+        """Whether decode(encode(x)) == x bit for bit (only ``none`` without top-k)."""
+        return False
+
     def __repr__(self) -> str:
         ps = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"Codec({self.name!r}, {ps})"
@@ -332,6 +337,10 @@ class NoneCodec(Codec):
     """Raw values in the tensor's own dtype (fp32 for fp32 deltas). Exact: err = 0."""
 
     name = "none"
+
+    @property
+    def lossless(self) -> bool:
+        return self.topk is None
 
     def params(self):
         return {"topk": self.topk}

@@ -5,7 +5,7 @@ Both are tensors-only and independent of any model code.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import torch
 
@@ -99,44 +99,70 @@ def apply_downlink(local_state: Mapping[str, torch.Tensor], update: Update | Map
 
 
 class DownlinkState:
-    """Server side: per client, the global state the client actually holds (after lossy
-    decoding), so each downlink is ``global_now - client_known``.
+    """Server side: what each client holds, so each downlink is ``global_now - client_known``.
 
-    A client never seen (or whose tensor names/shapes changed) gets the full state, flagged
-    ``extra={"full": True}`` and encoded with ``full_codec`` (default: the same codec).
+    Delta coding only pays with a lossy ``codec``: its errors are corrected by the next delta.
+    With a lossless codec (``none`` without top-k, the default) a delta costs as many bytes as
+    the full state, so every downlink is the full state (``extra={"full": True}``) and nothing is
+    kept per client (``delta=False``): what a client holds after a downlink is the state sent, and
+    the server needs no memory that grows with the number of clients. ``delta=True`` forces delta
+    coding, ``delta=False`` full states.
+
+    In delta mode, a client never seen (or whose tensor names/shapes changed) gets the full state,
+    encoded with ``full_codec`` (default: the same codec). ``known`` (client id -> state) is any
+    mutable mapping: a dict by default, or a store that keeps the states on disk.
     """
 
     def __init__(self, codec: str | Codec = "none", *, full_codec: str | Codec | None = None,
+                 delta: bool | None = None, known: MutableMapping[str, dict[str, torch.Tensor]] | None = None,
                  **codec_params):
         self.codec = get_codec(codec, **codec_params)
         self.full_codec = self.codec if full_codec is None else get_codec(full_codec)
-        self.known: dict[str, dict[str, torch.Tensor]] = {}
+        self.delta = (not (self.codec.lossless and self.full_codec.lossless)) if delta is None else bool(delta)
+        if not self.delta and not self.full_codec.lossless:
+            raise ValueError(f"delta=False sends full states, which needs a lossless full_codec (got "
+                             f"{self.full_codec.name!r}): a client could not be told what it holds")
+        self.known: MutableMapping[str, dict[str, torch.Tensor]] = {} if known is None else known
 
-    def encode_for(self, client_id: str, global_state: Mapping[str, torch.Tensor], *, round: int = 0,
-                   method: str = "", extra: Mapping[str, Any] | None = None) -> bytes:
-        """Blob to send to ``client_id``; records what the client will hold after applying it."""
+    def send(self, client_id: str, global_state: Mapping[str, torch.Tensor], *, round: int = 0,
+             method: str = "", extra: Mapping[str, Any] | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """``(blob, held)``: the blob for ``client_id`` and the state the client holds once it has
+        applied it (the tensors of ``global_state`` themselves when no delta coding is used; in
+        delta mode it is also recorded in ``known``)."""
         client_id = str(client_id)
+        ex = dict(extra or {})
+        n = max(1, sum(t.numel() for t in global_state.values()))
+        if not self.delta:
+            ex["full"] = True
+            blob = encode(dict(global_state), self.full_codec, round=round, client_id=client_id,
+                          method=method, direction="down", extra=ex)
+            return blob, dict(global_state)  # lossless: the client decodes exactly these values
         known = self.known.get(client_id)
         full = known is None or set(known) != set(global_state) or any(
             tuple(known[k].shape) != tuple(v.shape) for k, v in global_state.items())
-        ex = dict(extra or {})
-        n = max(1, sum(t.numel() for t in global_state.values()))
         if full:
             ex["full"] = True
             blob = encode(dict(global_state), self.full_codec, round=round, client_id=client_id,
                           method=method, direction="down", extra=ex)
             upd = decode(blob, max_bytes=len(blob), max_elements=n)
-            self.known[client_id] = apply_downlink({}, upd)
+            held = apply_downlink({}, upd)
         else:
             ex["full"] = False
             delta = {k: v.detach().float().cpu() - known[k].float().cpu() for k, v in global_state.items()}
             blob = encode(delta, self.codec, round=round, client_id=client_id, method=method,
                           direction="down", extra=ex)
             upd = decode(blob, max_bytes=len(blob), max_elements=n)
-            self.known[client_id] = apply_downlink(known, upd)
-        return blob
+            held = apply_downlink(known, upd)
+        self.known[client_id] = held
+        return blob, held
+
+    def encode_for(self, client_id: str, global_state: Mapping[str, torch.Tensor], *, round: int = 0,
+                   method: str = "", extra: Mapping[str, Any] | None = None) -> bytes:
+        """Blob to send to ``client_id`` (see :meth:`send`)."""
+        return self.send(client_id, global_state, round=round, method=method, extra=extra)[0]
 
     def client_state(self, client_id: str) -> dict[str, torch.Tensor] | None:
+        """What ``client_id`` holds (delta mode; None without delta coding or for a new client)."""
         return self.known.get(str(client_id))
 
     def forget(self, client_id: str) -> None:

@@ -2,9 +2,10 @@
 
 ``Client.fit(downlink_blob, round) -> (uplink_blob, metrics)`` and
 ``Client.evaluate(downlink_blob, round) -> metrics``. The client's persisted local state
-(the global state it holds, its local parameters, its error-feedback residual) lives in
-``state_dir/round_<r>.safetensors``, versioned by round so that a resumed run reloads
-exactly the state of the last complete round.
+(its local parameters, its error-feedback residual and, with a delta-coded downlink, the
+global state it holds) lives in ``state_dir/round_<r>.safetensors``
+(:class:`.state_store.VersionedFiles`), versioned by round so that a resumed run reloads
+exactly the state of the last complete round. A client with nothing to keep writes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import math
 import os
-import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from ..comm import ErrorFeedback, Expected, apply_downlink, decode, encode, get_codec
-from .checkpoint import atomic_save_tensors, join_prefixed, load_tensors, split_prefixed
+from .checkpoint import join_prefixed, split_prefixed
+from .state_store import VersionedFiles
 
 log = logging.getLogger("fastseq.fed")
 
@@ -55,6 +57,9 @@ class TrainConfig:
     error_feedback: bool = False
     seed: int = 0
     eval_batch_size: int = 32
+    # The server's downlink codec: only a lossy one is delta-coded (fastseq.comm.DownlinkState),
+    # and only then must the client keep the global state it holds between rounds.
+    downlink_codec: str = "none"
 
     def codec_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {}
@@ -107,55 +112,56 @@ class Client:
             raise ValueError(f"client {self.client_id} has no training examples")
 
     # -- persisted local state -----------------------------------------------------------
+    @property
+    def keeps_known(self) -> bool:
+        """Whether the downlink is delta-coded, so the global state held must be persisted."""
+        return not get_codec(self.train_cfg.downlink_codec).lossless
+
     def _versions(self) -> list[int]:
-        if self.state_dir is None:
-            return sorted(self._mem)
-        if not self.state_dir.is_dir():
-            return []
-        return sorted(int(m.group(1)) for f in os.listdir(self.state_dir)
-                      if (m := re.fullmatch(r"round_(\d+)\.safetensors", f)))
+        return sorted(self._mem) if self.state_dir is None else VersionedFiles(self.state_dir).versions()
 
     def load_state(self, upto: int) -> tuple[dict, dict, dict]:
         """(known global, local params, error-feedback residual) of the newest version <= upto."""
         vs = [v for v in self._versions() if v <= upto]
         if not vs:
             return {}, dict(self.rt.initial_local), {}
-        v = vs[-1]
-        st = self._mem[v] if self.state_dir is None else load_tensors(self.state_dir / f"round_{v}.safetensors")
+        st = self._mem[vs[-1]] if self.state_dir is None else VersionedFiles(self.state_dir).load(upto)
         return split_prefixed(st, "known"), split_prefixed(st, "local") or dict(self.rt.initial_local), \
             split_prefixed(st, "ef")
 
-    def save_state(self, round: int, known: dict, local: dict, ef: dict) -> None:
-        st = join_prefixed(known=known, local=local, ef=ef)
+    def save_state(self, round: int, known: dict, local: dict, ef: dict) -> int:
+        """Persist the state of ``round`` (nothing when there is nothing to keep); returns how many
+        bytes the newest persisted state grew by (reported as the run's client state size)."""
+        st = join_prefixed(known=known if self.keeps_known else {}, local=local, ef=ef)
+        if not st and not self._versions():
+            return 0
         if self.state_dir is None:
             self._mem[round] = {k: v.clone() for k, v in st.items()}
-            self._prune(round)
+            before = [v for v in self._versions() if v < round]
+            keep = {round} | ({before[-1]} if before else set())
+            for v in [v for v in self._mem if v not in keep]:
+                self._mem.pop(v)
+            return 0
+        return VersionedFiles(self.state_dir).save(
+            round, st, metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})})
+
+    def commit(self, round: int) -> None:
+        """The checkpoint of ``round`` is complete: drop versions older than the newest <= round."""
+        if self.state_dir is not None:
+            VersionedFiles(self.state_dir).commit(round)
             return
-        atomic_save_tensors(self.state_dir / f"round_{round}.safetensors", st,
-                            metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})})
-        self._prune(round)
-
-    def _prune(self, round: int) -> None:
-        """Keep the version of ``round`` and the newest one before it; drop the rest."""
-        vs = self._versions()
-        before = [v for v in vs if v < round]
-        keep = {round} | ({before[-1]} if before else set())
-        for v in vs:
-            if v not in keep:
-                self._drop(v)
-
-    def _drop(self, v: int) -> None:
-        if self.state_dir is None:
-            self._mem.pop(v, None)
-        else:
-            (self.state_dir / f"round_{v}.safetensors").unlink(missing_ok=True)
+        vs = [v for v in self._versions() if v <= round]
+        for v in vs[:-1]:
+            self._mem.pop(v)
 
     def discard_after(self, round: int) -> None:
         """Forget state versions newer than ``round`` (written by a run that crashed later);
         call on resume from the checkpoint of ``round``."""
-        for v in self._versions():
-            if v > round:
-                self._drop(v)
+        if self.state_dir is not None:
+            VersionedFiles(self.state_dir).discard_after(round)
+            return
+        for v in [v for v in self._mem if v > round]:
+            self._mem.pop(v)
 
     def _receive(self, downlink_blob: bytes, round: int, upto: int) -> tuple[dict, dict, dict]:
         known, local, ef = self.load_state(upto)
@@ -231,7 +237,9 @@ class Client:
         anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
         torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
         steps = self.num_steps()
+        t0 = time.perf_counter()
         losses = self.train(steps, self.batches(round), anchor)
+        train_seconds = time.perf_counter() - t0
         self.rt.model.eval()
 
         now = method.shared_state()
@@ -250,8 +258,9 @@ class Client:
             ef_state = ef.state_dict()
         else:
             blob = encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
-        self.save_state(round, known, method.local_state(), ef_state)
-        metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob)}
+        grew = self.save_state(round, known, method.local_state(), ef_state)
+        metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob),
+                   "train_seconds": train_seconds, "state_bytes_delta": grew}
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
@@ -261,5 +270,6 @@ class Client:
         self.rt.method.load(known)
         self.rt.method.load(local)
         metrics = self.rt.evaluate(round)
-        self.save_state(round, known, local, ef_state)
-        return metrics
+        # Only what the client holds changed (delta-coded downlink): nothing else to write.
+        grew = self.save_state(round, known, local, ef_state) if self.keeps_known else 0
+        return {**metrics, "state_bytes_delta": grew}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import OrderedDict
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from ..models import resolve_model_source
 from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
+from .state_store import discard_tree_after, tree_bytes
 
 log = logging.getLogger("fastseq.fed")
 
@@ -244,38 +246,92 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
             return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
 
 
+class ClientPool:
+    """The run's clients, built when a round first needs them (a run of 1,000 clients never holds
+    1,000 of them): a client object holds its example list and the path of its state, no tensors;
+    its state stays on disk until it fits or evaluates. The newest ``cache`` clients are kept.
+
+    A client is told to ``discard_after(floor)`` (the resumed round, -1 for a fresh run) once per
+    process, when first built: a proxy for a remote client sends that with its next message, and a
+    second time would drop state written since. ``_discarded`` holds ids only."""
+
+    def __init__(self, make: Callable[[str], Any], floor: int, cache: int):
+        self.make, self.floor, self.cache = make, floor, max(1, cache)
+        self._built: OrderedDict[str, Any] = OrderedDict()
+        self._discarded: set[str] = set()
+
+    def __getitem__(self, cid: str) -> Any:
+        cid = str(cid)
+        c = self._built.get(cid)
+        if c is None:
+            c = self.make(cid)
+            if cid not in self._discarded:
+                c.discard_after(self.floor)
+                self._discarded.add(cid)
+            self._built[cid] = c
+            while len(self._built) > self.cache:
+                self._built.popitem(last=False)
+        else:
+            self._built.move_to_end(cid)
+        return c
+
+    def built(self) -> int:
+        """How many client objects are held now (tests check it stays bounded)."""
+        return len(self._built)
+
+    def commit(self, round: int, cids) -> None:
+        for cid in cids:
+            commit = getattr(self[cid], "commit", None)  # remote proxies keep their nodes' versions
+            if commit is not None:
+                commit(round)
+
+
 def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
                 client_factory: Callable | None, echo: Callable[[str], None]) -> dict[str, Any]:
     progress = show_progress(cfg)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
                                             "resolved_model": resolve_model_source(cfg.model)})
-    server = build_server(cfg, rt, logger=echo)
+    server = build_server(cfg, rt, logger=echo, state_dir=out / "server")
     make_client = client_factory or build_client
-    clients = {cid: make_client(cfg, rt, cid, out / "clients" / f"client_{cid}") for cid in server.client_ids}
+    if client_factory is None:  # clients are built when first sampled: say now what would fail then
+        empty = [i for i, part in enumerate(rt.parts) if not part]
+        if empty:
+            raise ValueError(f"client {empty[0]} has no training examples")
     metrics_path = out / "metrics.jsonl"
+    personalized = rt.method.personalized
     if ckpt is not None:
         meta = json.loads((ckpt / "server.json").read_text())
-        server.load_state_dict(load_tensors(ckpt / "server.safetensors"), meta)
-        for c in clients.values():
-            c.discard_after(server.round)
+        server.load_state_dict(load_tensors(ckpt / "server.safetensors"), meta)  # discards newer server state
+        floor = server.round
+    else:
+        server.discard_after(-1)
+        floor = -1
+    discard_tree_after(out / "clients", floor)  # the local clients' state (remote ones: ClientPool)
+    n_eval = len(server.eval_clients(0)) if personalized else 0
+    clients = ClientPool(lambda cid: make_client(cfg, rt, cid, out / "clients" / f"client_{cid}"), floor,
+                         cfg.clients_per_round + n_eval)
+    if ckpt is not None:
         _write_metrics(metrics_path, server.history)
         echo(f"resumed from {ckpt} (round {server.round})")
         start = server.round + 1
+        last = server.history[-1] if server.history else {}
+        # the clients' state size as of the checkpoint (a run from before the field: one walk)
+        state_bytes = last.get("client_state_bytes")
+        if state_bytes is None:
+            state_bytes = tree_bytes(out / "clients")
     else:
-        for c in clients.values():
-            c.discard_after(-1)
         t0 = time.time()
         ev = server.evaluate(0)
+        state_bytes = 0
         rec0 = {"round": 0, "method": cfg.method, "train_loss": None, "clients": [], "dropped": [],
                 "uplink_bytes": 0, "downlink_bytes": 0, "examples": 0, "skipped": False, **ev,
-                "seconds": time.time() - t0}
+                "seconds": time.time() - t0, "client_state_bytes": 0, "server_state_bytes": server.state_bytes}
         server.finish_round(rec0)
         save_checkpoint(out, server, 0)
         _write_metrics(metrics_path, server.history)
         echo(_line(rec0))
         start = 1
 
-    personalized = rt.method.personalized
     rounds = range(start, cfg.rounds + 1)
     for r in tqdm(rounds, desc="rounds", disable=not progress, initial=start - 1, total=cfg.rounds):
         t0 = time.time()
@@ -283,33 +339,50 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         hostile = hostile_clients([cid for cid, _ in plan], cfg.byzantine, cfg.seed, r)
         attack = Attack(cfg.attack, cfg.attack_scale, cfg.seed) if hostile else None
         results, failures, client_metrics = [], [], {}
+        train_seconds = 0.0
         for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress, hostile, attack)):
             if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
                 failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
             else:
                 results.append((cid, outcome[0]))
                 client_metrics[cid] = outcome[1]
+                train_seconds += float(outcome[1].get("train_seconds") or 0)
+                state_bytes += int(outcome[1].get("state_bytes_delta") or 0)
         rec = server.aggregate(r, results, failures)
         if cfg.byzantine > 0:
             rec["hostile"] = hostile
         down_before = server.bytes.summary(r)["downlink_bytes"]
+        t_eval = time.time()
+        touched = [cid for cid, _ in plan]
         if personalized:
-            evs = []
+            evs, evaluated = [], []
             for cid, down in tqdm(server.configure_evaluate(r), desc=f"round {r} eval", leave=False,
                                   disable=not progress):
-                evs.append(clients[cid].evaluate(down, r))
+                m = dict(clients[cid].evaluate(down, r))
+                state_bytes += int(m.pop("state_bytes_delta", 0) or 0)
+                evs.append(m)
+                evaluated.append(cid)
             ev = {k: sum(e[k] for e in evs) / len(evs) for k in evs[0] if isinstance(evs[0][k], (int, float))}
             ev["personalized"] = True
             if "accuracy" in evs[0]:
                 ev["per_client_accuracy"] = [e.get("accuracy") for e in evs]
+            ev["eval_clients"] = evaluated  # which clients' own state was scored (personal_eval_clients)
             rec["eval_downlink_bytes"] = server.bytes.summary(r)["downlink_bytes"] - down_before
+            touched += sorted(set(evaluated) - set(touched), key=int)
         else:
             ev = server.evaluate(r)
         rec.update(ev)
+        rec["eval_seconds"] = time.time() - t_eval
+        rec["train_seconds"] = train_seconds
         rec["client_train_loss"] = {c: m["train_loss"] for c, m in client_metrics.items()}
+        rec["client_state_bytes"] = state_bytes
+        rec["server_state_bytes"] = server.state_bytes
         rec["seconds"] = time.time() - t0
         server.finish_round(rec)
         save_checkpoint(out, server, r)
+        # Round r is now the state any resume starts from: older state versions can go.
+        clients.commit(r, touched)
+        server.commit(r, touched)
         _write_metrics(metrics_path, server.history)
         echo(_line(rec))
         hooks.on_round_end(r, rec)
@@ -317,7 +390,7 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     return finish(cfg, rt, server, out, echo)
 
 
-def fit_clients(clients: dict, plan: list[tuple[str, bytes]], round: int, progress: bool,
+def fit_clients(clients: "ClientPool | dict", plan: list[tuple[str, bytes]], round: int, progress: bool,
                 hostile: list[str] = (), attack: Attack | None = None) -> list:
     """One round's fits, in plan order: ``(uplink_blob, metrics)`` or the client's exception.
 
@@ -352,6 +425,8 @@ def _line(rec: dict) -> str:
         parts.append(f"dropped {[d['client'] for d in rec['dropped']]}")
     if rec.get("hostile"):
         parts.append(f"hostile {rec['hostile']}")
+    if rec.get("client_state_bytes") or rec.get("server_state_bytes"):
+        parts.append(f"client state {rec.get('client_state_bytes', 0) + rec.get('server_state_bytes', 0):,} B on disk")
     return ", ".join(parts)
 
 
@@ -375,6 +450,12 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]
         "downlink_bytes": sum(h.get("downlink_bytes", 0) + h.get("eval_downlink_bytes", 0) for h in hist),
         "dropped": sum(len(h.get("dropped", [])) for h in hist),
         "seconds": run_seconds(hist), "method_info": _jsonable(rt.method.info), "out": str(out),
+        # per-client state on disk at the end (clients' own files; the server's record of what
+        # each client holds, kept for a lossy downlink only), and where the rounds' time went
+        "client_state_bytes": hist[-1].get("client_state_bytes", 0),
+        "server_state_bytes": hist[-1].get("server_state_bytes", 0),
+        "train_seconds": float(sum(h.get("train_seconds") or 0 for h in hist)),
+        "eval_seconds": float(sum(h.get("eval_seconds") or 0 for h in hist)),
     }
     atomic_write_json(out / "summary.json", _jsonable(summary))
     try:

@@ -125,6 +125,9 @@ class ExperimentConfig:
     validation_split: str = "clients"
     # Score the test split at round 0, every test_every rounds and at each of the last 3 rounds.
     test_every: int = 1
+    # Personalised evaluation (fedsa-lora): how many clients' own states are scored each round; a
+    # panel drawn once from the seed. None: all clients up to 20, else 20 (see fed.server).
+    personal_eval_clients: int | None = None
     out: str | None = None
     # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
     progress: bool | None = None
@@ -213,6 +216,10 @@ class ExperimentConfig:
                          ("classes_per_client", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
+        v = self.personal_eval_clients
+        if v is not None and v < 1:
+            raise ConfigError(f"personal_eval_clients must be null (all clients up to 20, else a seeded panel of 20) "
+                              f"or an integer >= 1 (how many clients' own states are scored each round), got {v!r}")
         for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -286,14 +293,15 @@ class ExperimentConfig:
                            head_lr=self.head_lr, compress_lr=self.scl_compress_lr, batch_size=self.batch_size, grad_accum=self.grad_accum, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm, prox_mu=self.prox_mu, codec=self.codec,
                            block_size=self.block_size, topk=self.topk, stochastic=self.stochastic,
-                           error_feedback=self.error_feedback, seed=self.seed, eval_batch_size=self.eval_batch_size)
+                           error_feedback=self.error_feedback, seed=self.seed, eval_batch_size=self.eval_batch_size,
+                           downlink_codec=self.downlink_codec)
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(num_clients=self.clients, clients_per_round=self.clients_per_round, seed=self.seed,
                             min_clients=self.min_clients, server_opt=self.server_opt, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, downlink_codec=self.downlink_codec,
                             aggregator=self.aggregator, trim_fraction=self.trim_fraction,
-                            norm_bound=self.norm_bound)
+                            norm_bound=self.norm_bound, personal_eval_clients=self.personal_eval_clients)
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -511,8 +519,10 @@ def make_evaluator(rt: Runtime):
     return evaluate
 
 
-def build_server(cfg: ExperimentConfig, rt: Runtime, logger=None) -> Server:
-    return Server(rt.method, rt.initial_global, cfg.server_config(), evaluator=make_evaluator(rt), logger=logger)
+def build_server(cfg: ExperimentConfig, rt: Runtime, logger=None, state_dir: str | os.PathLike | None = None) -> Server:
+    """``state_dir``: where the server keeps per-client state on disk (see :class:`.server.Server`)."""
+    return Server(rt.method, rt.initial_global, cfg.server_config(), evaluator=make_evaluator(rt), logger=logger,
+                  state_dir=state_dir)
 
 
 def build_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, state_dir: str | os.PathLike | None = None) -> Client:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +22,19 @@ from .aggregators import clip_update, get_combiner
 from .client import derive_seed
 from .methods import Method
 from .server_opt import ServerOptimizer
+from .state_store import KnownStore
+
+# Personalised evaluation (FedSA-LoRA) of every client costs one evaluation per client per round;
+# above this many clients, a seeded panel of this many is evaluated instead (personal_eval_clients).
+PERSONAL_EVAL_DEFAULT = 20
+
+
+def personal_eval_count(num_clients: int, requested: int | None) -> int:
+    """How many clients a personalised evaluation scores: ``requested`` (capped at the number of
+    clients), or by default all of them up to PERSONAL_EVAL_DEFAULT clients, else that many."""
+    if requested is None:
+        return min(num_clients, PERSONAL_EVAL_DEFAULT)
+    return min(num_clients, requested)
 
 log = logging.getLogger("fastseq.fed")
 
@@ -39,12 +54,16 @@ class ServerConfig:
     aggregator: str = "mean"          # see .aggregators
     trim_fraction: float = 0.2
     norm_bound: float | None = None   # norm-clip's L2 bound on each client's delta
+    personal_eval_clients: int | None = None  # see personal_eval_count
 
 
 class Server:
     def __init__(self, method: Method, initial_state: dict[str, torch.Tensor], cfg: ServerConfig,
                  evaluator: Callable[[dict[str, torch.Tensor], int], dict[str, Any]] | None = None,
-                 logger: Callable[[str], None] | None = None):
+                 logger: Callable[[str], None] | None = None, state_dir: str | os.PathLike | None = None):
+        """``state_dir``: where per-client server state goes (what each client holds, kept only
+        for a delta-coded downlink, i.e. a lossy ``downlink_codec``); None keeps it in RAM and in
+        :meth:`state_dict` (fine for a few clients)."""
         self.method, self.cfg, self.evaluator = method, cfg, evaluator
         self.log = logger or log.info
         self.global_state = {k: v.detach().float().clone() for k, v in initial_state.items()}
@@ -54,6 +73,11 @@ class Server:
             raise ValueError("aggregator norm-clip needs a positive norm_bound")
         self.opt = ServerOptimizer(cfg.server_opt, cfg.server_lr, momentum=cfg.server_momentum)
         self.down = DownlinkState(cfg.downlink_codec)
+        if state_dir is not None and self.down.delta:
+            self.down.known = KnownStore(Path(state_dir) / "known")
+        # What each client of the current round holds after its downlink: the base its uplink
+        # delta is added to. Only this round's clients, so it does not grow with the clients.
+        self._held: dict[str, dict[str, torch.Tensor]] = {}
         self.bytes = ByteCounter()
         self.history: list[dict[str, Any]] = []
         self.round = 0
@@ -69,18 +93,48 @@ class Server:
         rng = random.Random(derive_seed(self.cfg.seed, round, "sample"))
         return sorted(rng.sample(self.client_ids, self.cfg.clients_per_round), key=int)
 
-    def _downlink(self, cid: str, round: int) -> bytes:
-        blob = self.down.encode_for(cid, self.global_state, round=round, method=self.method.name)
+    def _downlink(self, cid: str, round: int, hold: bool = False) -> bytes:
+        if isinstance(self.down.known, KnownStore):
+            self.down.known.round = round
+        blob, held = self.down.send(cid, self.global_state, round=round, method=self.method.name)
+        if hold:
+            self._held[cid] = held
         self.bytes.record(blob)
         return blob
 
     def configure_round(self, round: int) -> list[tuple[str, bytes]]:
         """Sample the round's clients and encode each one's downlink (counted)."""
-        return [(cid, self._downlink(cid, round)) for cid in self.sample(round)]
+        self._held = {}
+        return [(cid, self._downlink(cid, round, hold=True)) for cid in self.sample(round)]
+
+    def eval_clients(self, round: int) -> list[str]:
+        """The clients a personalised evaluation scores: all of them, or (``personal_eval_clients``
+        fewer than the clients) a panel drawn once from the seed, the same every round so that the
+        rounds' means compare the same clients."""
+        n = personal_eval_count(self.cfg.num_clients, self.cfg.personal_eval_clients)
+        if n >= self.cfg.num_clients:
+            return self.client_ids
+        rng = random.Random(derive_seed(self.cfg.seed, "personal-eval"))
+        return sorted(rng.sample(self.client_ids, n), key=int)
 
     def configure_evaluate(self, round: int) -> list[tuple[str, bytes]]:
-        """Downlinks for a personalised evaluation of every client (counted as downlink bytes)."""
-        return [(cid, self._downlink(cid, round)) for cid in self.client_ids]
+        """Downlinks for a personalised evaluation of :meth:`eval_clients` (counted as downlink bytes)."""
+        return [(cid, self._downlink(cid, round)) for cid in self.eval_clients(round)]
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of per-client server state on disk (delta-coded downlink only; else 0)."""
+        return self.down.known.nbytes if isinstance(self.down.known, KnownStore) else 0
+
+    def commit(self, round: int, client_ids: Sequence[str]) -> None:
+        """The checkpoint of ``round`` is complete: drop older on-disk versions of these clients."""
+        if isinstance(self.down.known, KnownStore):
+            self.down.known.commit(client_ids, round)
+
+    def discard_after(self, round: int) -> None:
+        """Forget on-disk per-client state newer than ``round`` (-1: a fresh run, all of it)."""
+        if isinstance(self.down.known, KnownStore):
+            self.down.known.discard_after(round)
 
     def aggregate(self, round: int, results: Sequence[tuple[str, bytes]],
                   failures: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
@@ -102,7 +156,7 @@ class Server:
                         raise PayloadError(f"tensor {n!r} has non-finite values")
                 if upd.example_count < 1:
                     raise PayloadError("example_count is 0")
-                known = self.down.client_state(cid)
+                known = self._held.get(cid)
                 if known is None:
                     raise PayloadError(f"client {cid} sent an update without having received the global state")
             except PayloadError as e:
@@ -146,6 +200,7 @@ class Server:
             self.global_state = state
             record["skipped"] = False
         self.round = round
+        self._held = {}
         return record
 
     def evaluate(self, round: int) -> dict[str, Any]:
@@ -156,14 +211,16 @@ class Server:
 
     def finish_round(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        self.bytes.forget_before(int(record["round"]))  # the record holds the round's bytes
 
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, json-able metadata) of everything a resumed run needs."""
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}
         tensors.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
-        for cid, st in self.down.known.items():
-            tensors.update({f"known/{cid}/{k}": v for k, v in st.items()})
+        if not isinstance(self.down.known, KnownStore):  # on disk, versioned by round, it is not copied
+            for cid, st in self.down.known.items():
+                tensors.update({f"known/{cid}/{k}": v for k, v in st.items()})
         meta = {"round": self.round, "history": self.history, "method": self.method.name}
         return tensors, meta
 
@@ -177,7 +234,14 @@ class Server:
             if k.startswith("known/"):
                 _, cid, name = k.split("/", 2)
                 known.setdefault(cid, {})[name] = v
-        self.down.known = known
         self.round = int(meta["round"])
+        if isinstance(self.down.known, KnownStore):
+            store = self.down.known
+            store.discard_after(self.round)
+            store.round = self.round
+            for cid, st in known.items():  # a checkpoint from before the on-disk store
+                store[cid] = st
+        elif self.down.delta:
+            self.down.known = known
         self.history = list(meta["history"])
 
