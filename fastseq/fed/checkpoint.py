@@ -19,7 +19,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                        metadata: Mapping[str, str] | None = None) -> None:
+                        metadata: Mapping[str, str] | None = None, fsync: bool = True) -> None:
+    """Write ``path`` atomically (tmp file + os.replace). ``fsync=False`` leaves flushing it to disk
+    to the caller (per-client state: :func:`.state_store.fsync_files` flushes a round's files at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -27,8 +29,9 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Ten
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata=dict(metadata or {}))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

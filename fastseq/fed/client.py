@@ -145,6 +145,10 @@ class Client:
         return VersionedFiles(self.state_dir).save(
             round, st, metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})})
 
+    def state_file(self, round: int) -> Path | None:
+        """The file of the newest state version <= ``round`` (None: none, or kept in RAM)."""
+        return None if self.state_dir is None else VersionedFiles(self.state_dir).newest_path(round)
+
     def commit(self, round: int) -> None:
         """The checkpoint of ``round`` is complete: drop versions older than the newest <= round."""
         if self.state_dir is not None:

@@ -31,7 +31,7 @@ from ..models import resolve_model_source
 from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
-from .state_store import discard_tree_after, tree_bytes
+from .state_store import discard_tree_after, fsync_files, tree_bytes
 
 log = logging.getLogger("fastseq.fed")
 
@@ -279,6 +279,10 @@ class ClientPool:
         """How many client objects are held now (tests check it stays bounded)."""
         return len(self._built)
 
+    def state_files(self, round: int, cids) -> list:
+        """The state files these clients wrote, as of ``round`` (remote proxies: none here)."""
+        return [getattr(self[cid], "state_file", lambda r: None)(round) for cid in cids]
+
     def commit(self, round: int, cids) -> None:
         for cid in cids:
             commit = getattr(self[cid], "commit", None)  # remote proxies keep their nodes' versions
@@ -379,6 +383,8 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         rec["server_state_bytes"] = server.state_bytes
         rec["seconds"] = time.time() - t0
         server.finish_round(rec)
+        # The round's state files reach the disk before the checkpoint that relies on them.
+        fsync_files(clients.state_files(r, touched) + server.state_files(r, touched))
         save_checkpoint(out, server, r)
         # Round r is now the state any resume starts from: older state versions can go.
         clients.commit(r, touched)

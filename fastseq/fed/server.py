@@ -126,6 +126,10 @@ class Server:
         """Bytes of per-client server state on disk (delta-coded downlink only; else 0)."""
         return self.down.known.nbytes if isinstance(self.down.known, KnownStore) else 0
 
+    def state_files(self, round: int, client_ids: Sequence[str]) -> list[Path]:
+        """The on-disk per-client state files these clients have as of ``round`` (to flush them)."""
+        return self.down.known.state_files(client_ids, round) if isinstance(self.down.known, KnownStore) else []
+
     def commit(self, round: int, client_ids: Sequence[str]) -> None:
         """The checkpoint of ``round`` is complete: drop older on-disk versions of these clients."""
         if isinstance(self.down.known, KnownStore):

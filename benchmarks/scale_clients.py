@@ -1,0 +1,280 @@
+"""Many clients on the local engine: round time, overhead, peak RSS and per-client state on disk
+for 10 / 100 / 1,000 clients (10 sampled per round), for the methods that keep per-client state.
+
+Arms (tiny-llama on the synthetic task, the same 10,000 examples split IID for every size):
+
+* ``fedsa-lora``        FedSA-LoRA: each client keeps its own LoRA B; the personalised evaluation
+  scores the default panel (all clients up to 20, else a seeded 20).
+* ``scl-int8-ef``       SCL (the default variant) with an int8 uplink and error feedback: each
+  client keeps its residual.
+* ``scl-int8-ef-bf16down``  the same with a bf16 (lossy, so delta-coded) downlink: each client
+  also keeps the global state it holds, and the server its record of it (``server/known/``).
+
+Each configuration runs ``run_experiment`` in a subprocess of its own, so its peak RSS
+(``ru_maxrss``) is its own. Round time is the wall time between the ends of two rounds (the
+checkpoint and the state flush included; round 1, which pays one-time costs, is not counted);
+``train`` is the time the clients spent in local optimisation (``train_seconds``), ``eval`` the
+evaluation (``eval_seconds``), and ``overhead = round - train - eval``: sampling, downlink and
+uplink coding, loading and saving client state, aggregation, checkpoint, metrics.
+
+    python benchmarks/scale_clients.py             # 3 arms x 10/100/1,000 clients (minutes, one core)
+    python benchmarks/scale_clients.py --smoke     # 2 tiny configurations (tests)
+    python benchmarks/scale_clients.py --fresh     # rerun everything (default: reuse finished rows)
+
+Writes ``benchmarks/results/scale_clients.{json,csv,md,png}`` (``scale_clients_smoke.*`` with
+``--smoke``); the runs go to ``--work-dir`` (default ``runs/scale_clients``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+ARMS = {
+    "fedsa-lora": dict(method="fedsa-lora"),
+    "scl-int8-ef": dict(method="scl", codec="int8", error_feedback=True),
+    "scl-int8-ef-bf16down": dict(method="scl", codec="int8", error_feedback=True, downlink_codec="bf16"),
+}
+SMOKE_ARMS = {"fedsa-lora-int8-ef-bf16down": dict(method="fedsa-lora", codec="int8", error_feedback=True,
+                                                  downlink_codec="bf16")}
+FULL = dict(clients=(10, 100, 1000), clients_per_round=10, rounds=5, local_steps=20, num_examples=10000,
+            eval_examples=64)
+SMOKE = dict(clients=(3, 8), clients_per_round=2, rounds=3, local_steps=2, num_examples=400, eval_examples=16)
+
+
+def run_config(arm: str, clients: int, s: dict, out: Path) -> dict:
+    """The ExperimentConfig of one configuration (a dict)."""
+    arms = {**ARMS, **SMOKE_ARMS}
+    return dict(model="tiny-llama", task="synthetic", task_options={"num_examples": s["num_examples"]},
+                clients=clients, clients_per_round=min(s["clients_per_round"], clients), rounds=s["rounds"],
+                partition="iid", min_client_size=2, local_steps=s["local_steps"], batch_size=8, r=4, lr=1e-2,
+                eval_examples=s["eval_examples"], seed=0, out=str(out), progress=False, **arms[arm])
+
+
+# ---------------------------------------------------------------------------------------------
+# child: one configuration
+# ---------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _files_bytes(root: Path) -> tuple[int, int]:
+    if not root.exists():
+        return 0, 0
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def child(config_json: str, result_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from fastseq.fed.engine import Hooks, run_experiment
+    from fastseq.fed.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict(json.loads(config_json))
+    out = Path(cfg.out)
+    if out.exists():
+        shutil.rmtree(out)
+
+    class Clock(Hooks):
+        def __init__(self):
+            self.rounds = []
+            self.last = None
+
+        def on_round_end(self, round, record):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.rounds.append(dict(round=round, wall=now - self.last, train=record["train_seconds"],
+                                        eval=record["eval_seconds"], rss=_rss_bytes()))
+            else:
+                self.rss_round1 = _rss_bytes()
+            self.last = now
+
+    clock = Clock()
+    t0 = time.perf_counter()
+    summary = run_experiment(cfg, hooks=clock, echo=lambda s: None)
+    total = time.perf_counter() - t0
+    clients_bytes, clients_files = _files_bytes(out / "clients")
+    server_bytes, server_files = _files_bytes(out / "server")
+    run_bytes, _ = _files_bytes(out)
+    Path(result_path).write_text(json.dumps(dict(
+        rounds=clock.rounds, rss_round1=clock.rss_round1, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        client_state_bytes=summary["client_state_bytes"], server_state_bytes=summary["server_state_bytes"],
+        clients_dir_bytes=clients_bytes, clients_dir_files=clients_files, server_dir_bytes=server_bytes,
+        server_dir_files=server_files, run_dir_bytes=run_bytes, run_seconds=total, final=summary["final"],
+        metric=summary["metric"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------
+def measure(arm: str, clients: int, s: dict, work: Path) -> dict:
+    conf = run_config(arm, clients, s, work / f"{arm}_{clients}")
+    res_path = work / f"{arm}_{clients}.result.json"
+    res_path.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(conf), str(res_path)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not res_path.is_file():
+        raise RuntimeError(f"{arm} with {clients} clients failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    r = json.loads(res_path.read_text())
+    rounds = r["rounds"]
+    med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
+    over = [x["wall"] - x["train"] - x["eval"] for x in rounds]
+    wall = med("wall")
+    return dict(
+        arm=arm, clients=clients, clients_per_round=conf["clients_per_round"], rounds=conf["rounds"],
+        local_steps=conf["local_steps"], measured_rounds=len(rounds),
+        round_s=wall, train_s=med("train"), eval_s=med("eval"), overhead_s=statistics.median(over),
+        overhead_frac=statistics.median(o / x["wall"] for o, x in zip(over, rounds)),
+        outside_train_frac=statistics.median((x["wall"] - x["train"]) / x["wall"] for x in rounds),
+        overhead_per_client_ms=1e3 * statistics.median(over) / conf["clients_per_round"],
+        peak_rss_mb=r["peak_rss"] / 2**20, rss_round1_mb=r["rss_round1"] / 2**20,
+        rss_last_mb=rounds[-1]["rss"] / 2**20,
+        client_state_bytes=r["client_state_bytes"], server_state_bytes=r["server_state_bytes"],
+        clients_dir_bytes=r["clients_dir_bytes"], clients_dir_files=r["clients_dir_files"],
+        server_dir_bytes=r["server_dir_bytes"], server_dir_files=r["server_dir_files"],
+        run_dir_bytes=r["run_dir_bytes"], run_seconds=r["run_seconds"], metric=r["metric"], final=r["final"])
+
+
+def settings_key(arm: str, clients: int, s: dict) -> str:
+    conf = run_config(arm, clients, s, Path("-"))
+    return hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
+    from provenance import write_results
+
+    write_results(stem, rows, meta=meta, settings=s)
+    lines = [f"# Many clients on the local engine ({'smoke' if meta['smoke'] else 'tiny-llama, synthetic'})", "",
+             f"{s['clients_per_round']} clients per round, {s['local_steps']} local steps of batch 8, {s['rounds']} "
+             f"rounds (medians over rounds 2..{s['rounds']}), one torch thread, each configuration in its own process. "
+             f"{meta['device_name']}, commit {meta['git_commit']}, {meta['time']}.", "",
+             "`overhead` = round - train - eval (sampling, coding, client state I/O, aggregation, checkpoint, "
+             "metrics); `outside train` also counts the evaluation. Client state: the newest state of every client "
+             "(`client_state_bytes` in summary.json; equal to the files in `clients/`), server: its per-client record "
+             "of what each client holds (lossy downlink only, `server/known/`).", "",
+             "| arm | clients | round s | train s | eval s | overhead s | overhead | outside train | overhead/client ms "
+             "| peak RSS MB | client state KB | server state KB | state files |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['clients']:,} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} "
+                     f"| {r['overhead_s']:.3f} | {100 * r['overhead_frac']:.1f}% | {100 * r['outside_train_frac']:.1f}% "
+                     f"| {r['overhead_per_client_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
+                     f"| {r['server_state_bytes'] / 1024:,.1f} | {r['clients_dir_files'] + r['server_dir_files']:,} |")
+    by = {}
+    for r in rows:
+        by.setdefault(r["arm"], {})[r["clients"]] = r
+    notes = []
+    for arm, d in by.items():
+        lo, hi = min(d), max(d)
+        if lo != hi:
+            a, b = d[lo], d[hi]
+            notes.append(f"* {arm}: {lo} -> {hi} clients: peak RSS {a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB "
+                         f"({b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x), overhead {1e3 * a['overhead_s']:.0f} -> "
+                         f"{1e3 * b['overhead_s']:.0f} ms per round, client state on disk "
+                         f"{a['client_state_bytes'] / 1024:,.1f} -> {b['client_state_bytes'] / 1024:,.1f} KB.")
+    lines += ["", *notes, ""]
+    Path(f"{stem}.md").write_text("\n".join(lines))
+    plot(rows, Path(f"{stem}.png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    for arm in arms:
+        rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["clients"])
+        x = [r["clients"] for r in rs]
+        line = axes[0].plot(x, [r["round_s"] for r in rs], "o-", label=f"{arm}: round")[0]
+        axes[0].plot(x, [r["train_s"] for r in rs], "s--", color=line.get_color(), label=f"{arm}: train")
+        axes[1].plot(x, [100 * r["overhead_frac"] for r in rs], "o-", label=arm)
+        axes[2].plot(x, [r["peak_rss_mb"] for r in rs], "o-", label=arm)
+        axes[3].plot(x, [(r["client_state_bytes"] + r["server_state_bytes"]) / 1024 for r in rs], "o-", label=arm)
+    titles = ("seconds per round (median)", "overhead, % of the round", "peak RSS (MB)",
+              "per-client state on disk (KB)")
+    for ax, t in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.set_xlabel("clients (10 per round)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(10, color="grey", ls=":", lw=1)
+    axes[2].set_ylim(bottom=0)
+    axes[3].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", nargs=2, metavar=("CONFIG_JSON", "RESULT"), help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="2 tiny configurations (tests)")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS) + list(SMOKE_ARMS))
+    ap.add_argument("--clients", nargs="+", type=int, help="numbers of clients (default 10 100 1000)")
+    ap.add_argument("--fresh", action="store_true", help="rerun configurations already in the results")
+    ap.add_argument("--out-dir", help="default benchmarks/results")
+    ap.add_argument("--work-dir", help="where the runs go (default runs/scale_clients)")
+    a = ap.parse_args(argv)
+    if a.child:
+        child(*a.child)
+        return
+    from tqdm.auto import tqdm
+
+    from provenance import provenance
+
+    s = dict(SMOKE if a.smoke else FULL)
+    if a.clients:
+        s["clients"] = tuple(a.clients)
+    arms = a.arms or list(SMOKE_ARMS if a.smoke else ARMS)
+    out_dir = Path(a.out_dir or HERE / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / ("scale_clients_smoke" if a.smoke else "scale_clients")
+    work = Path(a.work_dir or ROOT / "runs" / ("scale_clients_smoke" if a.smoke else "scale_clients"))
+    work.mkdir(parents=True, exist_ok=True)
+    prev = {}
+    if not a.fresh and Path(f"{stem}.json").is_file():
+        prev = {r["key"]: r for r in json.loads(Path(f"{stem}.json").read_text()).get("rows", []) if "key" in r}
+    todo = [(arm, n) for arm in arms for n in s["clients"]]
+    rows = []
+    meta = dict(provenance("cpu"), smoke=a.smoke)
+    bar = tqdm(todo, desc="configurations", unit="run")
+    for arm, n in bar:
+        key = settings_key(arm, n, s)
+        if key in prev:  # resumable: a finished configuration with the same settings is kept
+            rows.append(prev[key])
+            continue
+        bar.set_postfix_str(f"{arm}, {n} clients")
+        row = dict(measure(arm, n, s, work), key=key, **provenance("cpu"))
+        rows.append(row)
+        write_report(rows, stem, s, meta)  # after each configuration: a kill loses only the running one
+        tqdm.write(f"{arm} {n:>5} clients: round {row['round_s']:.2f} s, train {row['train_s']:.2f} s, overhead "
+                   f"{100 * row['overhead_frac']:.1f}%, peak RSS {row['peak_rss_mb']:.0f} MB, client state "
+                   f"{row['client_state_bytes']:,} B + server {row['server_state_bytes']:,} B")
+    write_report(rows, stem, s, meta)
+    print(Path(f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
