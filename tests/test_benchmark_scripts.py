@@ -182,3 +182,26 @@ def test_accuracy_study_budget_is_plain_scl_whatever_the_defaults():
     for arm in st.ARMS:
         o = st.arm_overrides(arm, p, shape)
         assert {"scl_placement", "scl_train_compress"} <= set(o), arm
+
+
+def test_scale_clients_smoke(tmp_path):
+    """Two tiny configurations, each in its own process: the time split, peak RSS and the client
+    state on disk (the reported size is the files' size); a rerun reuses the finished rows."""
+    sc = _load("benchmarks/scale_clients.py")
+    argv = ["--smoke", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")]
+    sc.main(argv)
+    stem = tmp_path / "scale_clients_smoke"
+    rows = _csv(f"{stem}.csv")
+    doc = json.loads(Path(f"{stem}.json").read_text())
+    assert len(rows) == len(doc["rows"]) == 2 and (tmp_path / "scale_clients_smoke.png").stat().st_size > 0
+    assert "| arm | clients |" in Path(f"{stem}.md").read_text()
+    for r in doc["rows"]:
+        assert r["git_commit"] and r["torch"] and r["measured_rounds"] == 2
+        assert 0 < r["train_s"] < r["round_s"] and 0 < r["overhead_frac"] < 1 and r["peak_rss_mb"] > 50
+        # FedSA's B, the error-feedback residual and the held global state (lossy downlink) per client
+        assert r["client_state_bytes"] == r["clients_dir_bytes"] > 0
+        assert r["server_state_bytes"] == r["server_dir_bytes"] > 0
+    assert [r["clients"] for r in doc["rows"]] == [3, 8]
+    stamp = Path(f"{stem}.json").read_text()
+    sc.main(argv)  # resumable: nothing is rerun
+    assert json.loads(Path(f"{stem}.json").read_text())["rows"] == json.loads(stamp)["rows"]

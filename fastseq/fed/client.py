@@ -108,6 +108,9 @@ class Client:
         self.train_cfg = train
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
+        # Flush each state file to disk as it is written; the local engine turns this off and
+        # flushes a round's files together before the round's checkpoint (one journal commit).
+        self.fsync_each = True
         if not self.examples:
             raise ValueError(f"client {self.client_id} has no training examples")
 
@@ -143,7 +146,8 @@ class Client:
                 self._mem.pop(v)
             return 0
         return VersionedFiles(self.state_dir).save(
-            round, st, metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})})
+            round, st, metadata={"fastseq_client": json.dumps({"client_id": self.client_id, "round": round})},
+            fsync=self.fsync_each)
 
     def state_file(self, round: int) -> Path | None:
         """The file of the newest state version <= ``round`` (None: none, or kept in RAM)."""

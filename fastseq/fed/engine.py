@@ -31,7 +31,7 @@ from ..models import resolve_model_source
 from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
-from .state_store import discard_tree_after, fsync_files, tree_bytes
+from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
 log = logging.getLogger("fastseq.fed")
 
@@ -296,6 +296,8 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
                                             "resolved_model": resolve_model_source(cfg.model)})
     server = build_server(cfg, rt, logger=echo, state_dir=out / "server")
+    if isinstance(server.down.known, KnownStore):
+        server.down.known.fsync_each = False  # flushed with the round's other state files
     make_client = client_factory or build_client
     if client_factory is None:  # clients are built when first sampled: say now what would fail then
         empty = [i for i, part in enumerate(rt.parts) if not part]
@@ -312,8 +314,13 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         floor = -1
     discard_tree_after(out / "clients", floor)  # the local clients' state (remote ones: ClientPool)
     n_eval = len(server.eval_clients(0)) if personalized else 0
-    clients = ClientPool(lambda cid: make_client(cfg, rt, cid, out / "clients" / f"client_{cid}"), floor,
-                         cfg.clients_per_round + n_eval)
+    def build(cid: str):
+        c = make_client(cfg, rt, cid, out / "clients" / f"client_{cid}")
+        if hasattr(c, "fsync_each"):
+            c.fsync_each = False  # flushed with the round's other state files (fsync_files)
+        return c
+
+    clients = ClientPool(build, floor, cfg.clients_per_round + n_eval)
     if ckpt is not None:
         _write_metrics(metrics_path, server.history)
         echo(f"resumed from {ckpt} (round {server.round})")

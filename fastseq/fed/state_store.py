@@ -150,10 +150,11 @@ class KnownStore(MutableMapping):
     ``nbytes`` is the size of the newest state of every client, kept up to date as states are
     written (and recomputed by :meth:`discard_after` on resume)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fsync_each: bool = True):
         self.root = Path(root)
         self.round = 0
         self.nbytes = 0
+        self.fsync_each = fsync_each  # False: the caller flushes a round's files (state_files)
 
     def _files(self, client_id: str) -> VersionedFiles:
         cid = str(client_id)
@@ -168,7 +169,7 @@ class KnownStore(MutableMapping):
         return st
 
     def __setitem__(self, client_id: str, state: dict[str, torch.Tensor]) -> None:
-        self.nbytes += self._files(client_id).save(self.round, state)
+        self.nbytes += self._files(client_id).save(self.round, state, fsync=self.fsync_each)
 
     def __delitem__(self, client_id: str) -> None:
         files = self._files(client_id)
