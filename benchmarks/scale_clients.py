@@ -170,12 +170,13 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
              "(`client_state_bytes` in summary.json; equal to the files in `clients/`), server: its per-client record "
              "of what each client holds (lossy downlink only, `server/known/`).", "",
              "| arm | clients | round s | train s | eval s | overhead s | overhead | outside train | overhead/client ms "
-             "| peak RSS MB | client state KB | server state KB | state files |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | RSS round 1 -> last MB | client state KB | server state KB | state files |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['clients']:,} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} "
                      f"| {r['overhead_s']:.3f} | {100 * r['overhead_frac']:.1f}% | {100 * r['outside_train_frac']:.1f}% "
-                     f"| {r['overhead_per_client_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
+                     f"| {r['overhead_per_client_ms']:.1f} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['rss_round1_mb']:.0f} -> {r['rss_last_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
                      f"| {r['server_state_bytes'] / 1024:,.1f} | {r['clients_dir_files'] + r['server_dir_files']:,} |")
     by = {}
     for r in rows:
