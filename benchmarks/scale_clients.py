@@ -112,11 +112,12 @@ def child(config_json: str, result_path: str) -> None:
     clients_bytes, clients_files = _files_bytes(out / "clients")
     server_bytes, server_files = _files_bytes(out / "server")
     run_bytes, _ = _files_bytes(out)
+    with_state = sum(1 for d in (out / "clients").iterdir() if any(d.iterdir())) if (out / "clients").is_dir() else 0
     Path(result_path).write_text(json.dumps(dict(
         rounds=clock.rounds, rss_round1=clock.rss_round1, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         client_state_bytes=summary["client_state_bytes"], server_state_bytes=summary["server_state_bytes"],
         clients_dir_bytes=clients_bytes, clients_dir_files=clients_files, server_dir_bytes=server_bytes,
-        server_dir_files=server_files, run_dir_bytes=run_bytes, run_seconds=total, final=summary["final"],
+        server_dir_files=server_files, run_dir_bytes=run_bytes, clients_with_state=with_state, run_seconds=total, final=summary["final"],
         metric=summary["metric"])))
 
 
@@ -147,6 +148,8 @@ def measure(arm: str, clients: int, s: dict, work: Path) -> dict:
         peak_rss_mb=r["peak_rss"] / 2**20, rss_round1_mb=r["rss_round1"] / 2**20,
         rss_last_mb=rounds[-1]["rss"] / 2**20,
         client_state_bytes=r["client_state_bytes"], server_state_bytes=r["server_state_bytes"],
+        clients_with_state=r["clients_with_state"],
+        state_bytes_per_client=(r["client_state_bytes"] + r["server_state_bytes"]) / max(1, r["clients_with_state"]),
         clients_dir_bytes=r["clients_dir_bytes"], clients_dir_files=r["clients_dir_files"],
         server_dir_bytes=r["server_dir_bytes"], server_dir_files=r["server_dir_files"],
         run_dir_bytes=r["run_dir_bytes"], run_seconds=r["run_seconds"], metric=r["metric"], final=r["final"])
@@ -168,16 +171,20 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
              "`overhead` = round - train - eval (sampling, coding, client state I/O, aggregation, checkpoint, "
              "metrics); `outside train` also counts the evaluation. Client state: the newest state of every client "
              "(`client_state_bytes` in summary.json; equal to the files in `clients/`), server: its per-client record "
-             "of what each client holds (lossy downlink only, `server/known/`).", "",
+             "of what each client holds (lossy downlink only, `server/known/`). Only clients that took part have "
+             "state, so the disk grows with the clients that took part (at most clients per round x rounds, + the "
+             "evaluation panel), by the `per client` figure each; a long run of N clients ends near N x that.", "",
              "| arm | clients | round s | train s | eval s | overhead s | overhead | outside train | overhead/client ms "
-             "| peak RSS MB | RSS round 1 -> last MB | client state KB | server state KB | state files |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | RSS round 1 -> last MB | client state KB | server state KB | clients with state "
+             "| per client B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['clients']:,} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} "
                      f"| {r['overhead_s']:.3f} | {100 * r['overhead_frac']:.1f}% | {100 * r['outside_train_frac']:.1f}% "
                      f"| {r['overhead_per_client_ms']:.1f} | {r['peak_rss_mb']:.0f} "
                      f"| {r['rss_round1_mb']:.0f} -> {r['rss_last_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
-                     f"| {r['server_state_bytes'] / 1024:,.1f} | {r['clients_dir_files'] + r['server_dir_files']:,} |")
+                     f"| {r['server_state_bytes'] / 1024:,.1f} | {r['clients_with_state']:,} "
+                     f"| {r['state_bytes_per_client']:,.0f} |")
     by = {}
     for r in rows:
         by.setdefault(r["arm"], {})[r["clients"]] = r
@@ -189,7 +196,8 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
             notes.append(f"* {arm}: {lo} -> {hi} clients: peak RSS {a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB "
                          f"({b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x), overhead {1e3 * a['overhead_s']:.0f} -> "
                          f"{1e3 * b['overhead_s']:.0f} ms per round, client state on disk "
-                         f"{a['client_state_bytes'] / 1024:,.1f} -> {b['client_state_bytes'] / 1024:,.1f} KB.")
+                         f"{a['client_state_bytes'] / 1024:,.1f} -> {b['client_state_bytes'] / 1024:,.1f} KB "
+                         f"({b['state_bytes_per_client']:,.0f} B per client that took part, client and server side).")
     lines += ["", *notes, ""]
     Path(f"{stem}.md").write_text("\n".join(lines))
     plot(rows, Path(f"{stem}.png"))
