@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -166,7 +167,8 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
     write_results(stem, rows, meta=meta, settings=s)
     lines = [f"# Many clients on the local engine ({'smoke' if meta['smoke'] else 'tiny-llama, synthetic'})", "",
              f"{s['clients_per_round']} clients per round, {s['local_steps']} local steps of batch 8, {s['rounds']} "
-             f"rounds (medians over rounds 2..{s['rounds']}), one torch thread, each configuration in its own process. "
+             f"rounds (medians over rounds 2..{s['rounds']}), one torch thread, each configuration in its own process "
+             f"({meta['jobs']} at a time). "
              f"{meta['device_name']}, commit {meta['git_commit']}, {meta['time']}.", "",
              "`overhead` = round - train - eval (sampling, coding, client state I/O, aggregation, checkpoint, "
              "metrics); `outside train` also counts the evaluation. Client state: the newest state of every client "
@@ -243,6 +245,8 @@ def main(argv=None) -> None:
     ap.add_argument("--arms", nargs="+", choices=list(ARMS) + list(SMOKE_ARMS))
     ap.add_argument("--clients", nargs="+", type=int, help="numbers of clients (default 10 100 1000)")
     ap.add_argument("--fresh", action="store_true", help="rerun configurations already in the results")
+    ap.add_argument("--jobs", type=int, help="configurations at once (default 1, --smoke 2); more than one "
+                                             "perturbs the timings, not the RSS or disk figures")
     ap.add_argument("--out-dir", help="default benchmarks/results")
     ap.add_argument("--work-dir", help="where the runs go (default runs/scale_clients)")
     a = ap.parse_args(argv)
@@ -266,21 +270,31 @@ def main(argv=None) -> None:
     if not a.fresh and Path(f"{stem}.json").is_file():
         prev = {r["key"]: r for r in json.loads(Path(f"{stem}.json").read_text()).get("rows", []) if "key" in r}
     todo = [(arm, n) for arm in arms for n in s["clients"]]
-    rows = []
-    meta = dict(provenance("cpu"), smoke=a.smoke)
-    bar = tqdm(todo, desc="configurations", unit="run")
-    for arm, n in bar:
-        key = settings_key(arm, n, s)
-        if key in prev:  # resumable: a finished configuration with the same settings is kept
-            rows.append(prev[key])
-            continue
-        bar.set_postfix_str(f"{arm}, {n} clients")
-        row = dict(measure(arm, n, s, work), key=key, **provenance("cpu"))
-        rows.append(row)
-        write_report(rows, stem, s, meta)  # after each configuration: a kill loses only the running one
-        tqdm.write(f"{arm} {n:>5} clients: round {row['round_s']:.2f} s, train {row['train_s']:.2f} s, overhead "
-                   f"{100 * row['overhead_frac']:.1f}%, peak RSS {row['peak_rss_mb']:.0f} MB, client state "
-                   f"{row['client_state_bytes']:,} B + server {row['server_state_bytes']:,} B")
+    jobs = a.jobs or (2 if a.smoke else 1)
+    meta = dict(provenance("cpu"), smoke=a.smoke, jobs=jobs)
+    done: dict[tuple[str, int], dict] = {}
+    keys = {(arm, n): settings_key(arm, n, s) for arm, n in todo}
+    for arm, n in todo:
+        if keys[arm, n] in prev:  # resumable: a finished configuration with the same settings is kept
+            done[arm, n] = prev[keys[arm, n]]
+    pending = [t for t in todo if t not in done]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="configurations", unit="run")
+
+    def one(t):
+        arm, n = t
+        return t, dict(measure(arm, n, s, work), key=keys[t], **provenance("cpu"))
+
+    with ThreadPoolExecutor(jobs) as pool:  # threads only wait on the subprocesses
+        for (arm, n), row in pool.map(one, pending):
+            done[arm, n] = row
+            bar.update()
+            rows = [done[t] for t in todo if t in done]
+            write_report(rows, stem, s, meta)  # after each configuration: a kill loses only the running ones
+            tqdm.write(f"{arm} {n:>5} clients: round {row['round_s']:.2f} s, train {row['train_s']:.2f} s, overhead "
+                       f"{100 * row['overhead_frac']:.1f}%, peak RSS {row['peak_rss_mb']:.0f} MB, client state "
+                       f"{row['client_state_bytes']:,} B + server {row['server_state_bytes']:,} B")
+    bar.close()
+    rows = [done[t] for t in todo]
     write_report(rows, stem, s, meta)
     print(Path(f"{stem}.md").read_text())
 

@@ -259,3 +259,12 @@ def test_personal_eval_clients_flag():
     args = build_parser().parse_args(["run", "--personal-eval-clients", "3"])
     assert _overrides(args)["personal_eval_clients"] == 3
     assert "personal_eval_clients" not in _overrides(build_parser().parse_args(["run"]))
+
+
+def test_many_clients_config_file_is_valid():
+    from fastseq.fed.experiment import load_config_file
+
+    cfg = ExperimentConfig.from_dict(load_config_file(Path(__file__).parent.parent / "configs" / "many-clients.toml"))
+    assert cfg.clients == 1000 and cfg.clients_per_round == 10 and cfg.method == "fedsa-lora"
+    # enough examples for every client to get its minimum (partition checks it when the run builds)
+    assert cfg.task_options["num_examples"] * 0.8 >= cfg.clients * cfg.min_client_size
