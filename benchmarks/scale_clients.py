@@ -115,11 +115,12 @@ def child(config_json: str, result_path: str) -> None:
     run_bytes, _ = _files_bytes(out)
     with_state = sum(1 for d in (out / "clients").iterdir() if any(d.iterdir())) if (out / "clients").is_dir() else 0
     Path(result_path).write_text(json.dumps(dict(
-        rounds=clock.rounds, rss_round1=clock.rss_round1, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        rounds=clock.rounds, rss_round1=clock.rss_round1,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
         client_state_bytes=summary["client_state_bytes"], server_state_bytes=summary["server_state_bytes"],
         clients_dir_bytes=clients_bytes, clients_dir_files=clients_files, server_dir_bytes=server_bytes,
-        server_dir_files=server_files, run_dir_bytes=run_bytes, clients_with_state=with_state, run_seconds=total, final=summary["final"],
-        metric=summary["metric"])))
+        server_dir_files=server_files, run_dir_bytes=run_bytes, clients_with_state=with_state, run_seconds=total,
+        final=summary["final"], metric=summary["metric"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ def measure(arm: str, clients: int, s: dict, work: Path) -> dict:
     conf = run_config(arm, clients, s, work / f"{arm}_{clients}")
     res_path = work / f"{arm}_{clients}.result.json"
     res_path.unlink(missing_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # the child imports this checkout's fastseq (not another installed copy)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(conf), str(res_path)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not res_path.is_file():

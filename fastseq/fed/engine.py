@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import OrderedDict
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -314,6 +314,7 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         floor = -1
     discard_tree_after(out / "clients", floor)  # the local clients' state (remote ones: ClientPool)
     n_eval = len(server.eval_clients(0)) if personalized else 0
+
     def build(cid: str):
         c = make_client(cfg, rt, cid, out / "clients" / f"client_{cid}")
         if hasattr(c, "fsync_each"):

@@ -7,9 +7,10 @@ round are read or written in that round, so RAM and per-round I/O do not grow wi
 of clients; the disk does, by the size of one state per client (see :func:`tree_bytes`).
 
 Crash safety: a state written in round ``r`` is ``round_<r>`` (written atomically; flushed to disk
-with the round's other state files at once, :func:`fsync_files`, before the round's checkpoint); the version before it is kept
-until the checkpoint of round ``r`` is complete (:meth:`VersionedFiles.commit`), and a resume
-from the checkpoint of round ``R`` drops every version newer than ``R``
+with the round's other state files at once, :func:`fsync_files`, before the round's checkpoint);
+the version before it is kept until the checkpoint of round ``r`` is complete
+(:meth:`VersionedFiles.commit`), and a resume from the checkpoint of round ``R`` drops every
+version newer than ``R``
 (:meth:`VersionedFiles.discard_after`), so the state loaded is exactly that of round ``R``.
 """
 
