@@ -10,8 +10,8 @@ Crash safety: a state written in round ``r`` is ``round_<r>`` (written atomicall
 with the round's other state files at once, :func:`fsync_files`, before the round's checkpoint);
 the version before it is kept until the checkpoint of round ``r`` is complete
 (:meth:`VersionedFiles.commit`), and a resume from the checkpoint of round ``R`` drops every
-version newer than ``R``
-(:meth:`VersionedFiles.discard_after`), so the state loaded is exactly that of round ``R``.
+version newer than ``R`` (:meth:`VersionedFiles.discard_after`), so the state loaded is exactly
+that of round ``R``.
 """
 
 from __future__ import annotations
