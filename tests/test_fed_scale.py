@@ -268,3 +268,16 @@ def test_many_clients_config_file_is_valid():
     assert cfg.clients == 1000 and cfg.clients_per_round == 10 and cfg.method == "fedsa-lora"
     # enough examples for every client to get its minimum (partition checks it when the run builds)
     assert cfg.task_options["num_examples"] * 0.8 >= cfg.clients * cfg.min_client_size
+
+
+def test_partition_histogram_of_many_clients_is_short():
+    from fastseq.fed.partition import format_histogram, partition
+
+    keys = [i % 4 for i in range(4000)]
+    parts = partition(keys, 1000, "iid", seed=0, min_size=2)
+    full = format_histogram(keys, parts).splitlines()
+    short = format_histogram(keys, parts, max_rows=40).splitlines()
+    assert len(full) == 1001 and len(short) == 1 + 40 + 1
+    assert short[:21] == full[:21] and short[-20:] == full[-20:]
+    assert "960 more clients" in short[21]
+    assert format_histogram(keys[:40], partition(keys[:40], 4, "iid", seed=0), max_rows=40).count("\n") == 4

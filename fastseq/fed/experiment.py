@@ -493,7 +493,8 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
         val_idx, parts = split_validation(cfg, len(keys), parts)
     echo(f"partition: {cfg.partition}" + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
          + f", {cfg.clients} clients, per-client key histogram:")
-    echo(format_histogram(data.partition_keys, parts, data.label_names))
+    # with 1,000 clients: 40 rows and the sizes of the rest, not 1,000 lines
+    echo(format_histogram(data.partition_keys, parts, data.label_names, max_rows=40))
     info = method.info
     echo(f"method {cfg.method}: trainable {info['trainable_params']:,} of {info['total_params']:,} params, "
          f"shared {info['shared_params']:,}, local {info['local_params']:,}"

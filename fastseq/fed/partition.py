@@ -140,8 +140,9 @@ def mean_label_entropy(keys: Sequence[Hashable], parts: Sequence[Sequence[int]])
 
 
 def format_histogram(keys: Sequence[Hashable], parts: Sequence[Sequence[int]],
-                     names: Sequence[str] | None = None) -> str:
-    """A printable per-client key histogram (one row per client)."""
+                     names: Sequence[str] | None = None, max_rows: int | None = None) -> str:
+    """A printable per-client key histogram (one row per client; with more than ``max_rows``
+    clients, the first and last ``max_rows // 2`` rows and a line with the sizes of the rest)."""
     classes, _ = _classes(keys)
     hist = label_histogram(keys, parts)
 
@@ -153,7 +154,20 @@ def format_histogram(keys: Sequence[Hashable], parts: Sequence[Sequence[int]],
     heads = [label(c)[:10] for c in classes]
     width = max([6] + [len(h) for h in heads])
     lines = ["client " + " ".join(h.rjust(width) for h in heads) + "  total".rjust(width + 2)]
-    for i, h in enumerate(hist):
-        lines.append(f"{i:>6} " + " ".join(str(h.get(c, 0)).rjust(width) for c in classes)
-                     + str(sum(h.values())).rjust(width + 2))
+
+    def row(i: int) -> str:
+        h = hist[i]
+        return (f"{i:>6} " + " ".join(str(h.get(c, 0)).rjust(width) for c in classes)
+                + str(sum(h.values())).rjust(width + 2))
+
+    if max_rows is None or len(hist) <= max_rows:
+        lines += [row(i) for i in range(len(hist))]
+    else:
+        half = max(1, max_rows // 2)
+        rest = sorted(sum(h.values()) for h in hist[half:len(hist) - half])
+        lines += [row(i) for i in range(half)]
+        if rest:
+            lines.append(f"   ... {len(rest)} more clients, {rest[0]}..{rest[-1]} examples each "
+                         f"(median {rest[len(rest) // 2]})")
+        lines += [row(i) for i in range(len(hist) - half, len(hist))]
     return "\n".join(lines)
