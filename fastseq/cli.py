@@ -78,6 +78,11 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--byzantine", "byzantine", int, "hostile clients per round (local engine simulation)"),
     ("--attack", "attack", str, "the hostile clients' attack: sign-flip | scale | noise | nan"),
     ("--attack-scale", "attack_scale", float, "sign-flip / scale factor, noise std in units of the delta's RMS"),
+    ("--secagg-shares", "secagg_shares", float, "SecAgg+: key shares per client, a fraction of the round's clients"),
+    ("--secagg-threshold", "secagg_threshold", float, "SecAgg+: shares needed to rebuild a key, a fraction of the "
+                                                      "shares"),
+    ("--secagg-clip-range", "secagg_clip_range", float, "SecAgg+: clip each weighted delta value to +-this before "
+                                                        "quantizing (2^22 levels)"),
     ("--seed", "seed", int, "seed of every RNG"),
     ("--engine", "engine", str, "local | flower"),
     ("--out", "out", str, "output directory (default runs/<timestamp>-<method>)"),
@@ -125,6 +130,9 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scl-train-compress", dest="scl_train_compress", action=argparse.BooleanOptionalAction,
                    default=None, help="train SCL's C (--no-scl-train-compress: C frozen at a seed-derived init, "
                                       "never sent; only E or P trains)")
+    p.add_argument("--secagg", dest="secagg", action=argparse.BooleanOptionalAction, default=None,
+                   help="secure aggregation with Flower's SecAgg+ (--engine flower): the server sees only the "
+                        "weighted mean of the clients' deltas")
     p.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="per-client error feedback on the uplink")
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
@@ -134,7 +142,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed", "scl_layers",
-                                              "scl_train_compress"]
+                                              "scl_train_compress", "secagg"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -232,6 +232,9 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
             raise ConfigError("engine 'flower' needs fastseq.flower.run_flower, which is not available in this "
                               f"installation ({e}); use --engine local") from None
         return run_flower(cfg, resume=resume)
+    if cfg.secagg and client_factory is None:  # Flower's ServerApp passes its remote clients
+        raise ConfigError("secure aggregation hides each client's update from a server in another process; the "
+                          "local engine runs everything in one process: use --engine flower")
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
@@ -350,17 +353,19 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         plan = server.configure_round(r)
         hostile = hostile_clients([cid for cid, _ in plan], cfg.byzantine, cfg.seed, r)
         attack = Attack(cfg.attack, cfg.attack_scale, cfg.seed) if hostile else None
-        results, failures, client_metrics = [], [], {}
-        train_seconds = 0.0
-        for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress, hostile, attack)):
-            if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
-                failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
-            else:
-                results.append((cid, outcome[0]))
-                client_metrics[cid] = outcome[1]
-                train_seconds += float(outcome[1].get("train_seconds") or 0)
-                state_bytes += int(outcome[1].get("state_bytes_delta") or 0)
-        rec = server.aggregate(r, results, failures)
+        if cfg.secagg:
+            rec, client_metrics = secure_round(server, clients, plan, r)
+        else:
+            results, failures, client_metrics = [], [], {}
+            for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress, hostile, attack)):
+                if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
+                    failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
+                else:
+                    results.append((cid, outcome[0]))
+                    client_metrics[cid] = outcome[1]
+            rec = server.aggregate(r, results, failures)
+        train_seconds = sum(float(m.get("train_seconds") or 0) for m in client_metrics.values())
+        state_bytes += sum(int(m.get("state_bytes_delta") or 0) for m in client_metrics.values())
         if cfg.byzantine > 0:
             rec["hostile"] = hostile
         down_before = server.bytes.summary(r)["downlink_bytes"]
@@ -426,6 +431,17 @@ def fit_clients(clients: "ClientPool | dict", plan: list[tuple[str, bytes]], rou
             log.debug("client %s failed", cid, exc_info=True)
             outcomes.append(e)
     return outcomes
+
+
+def secure_round(server, clients: dict, plan: list[tuple[str, bytes]], round: int) -> tuple[dict, dict]:
+    """A round under secure aggregation: the clients' class runs the protocol (``secure_sum``:
+    Flower's SecAgg+ in :mod:`fastseq.flower.secagg`) and the server learns only the weighted
+    mean of the deltas. Returns (round record, per-client training metrics)."""
+    secure_sum = getattr(type(clients[plan[0][0]]), "secure_sum", None) if plan else None
+    if secure_sum is None:
+        raise ConfigError("secure aggregation needs clients that run the SecAgg+ protocol: use --engine flower")
+    result = secure_sum([(clients[cid], down) for cid, down in plan], round)
+    return server.aggregate_secure(round, result), result.metrics
 
 
 def _line(rec: dict) -> str:

@@ -109,6 +109,12 @@ class ExperimentConfig:
     byzantine: int = 0
     attack: str | None = None           # sign-flip | scale | noise | nan
     attack_scale: float = 10.0
+    # Secure aggregation with Flower's SecAgg+ (engines flower / flower-sim only, fastseq.flower.secagg):
+    # the server learns only the weighted mean of the sampled clients' deltas.
+    secagg: bool = False
+    secagg_shares: float = 1.0          # each client's key shares: this fraction of the round's clients
+    secagg_threshold: float = 0.67      # shares needed to reconstruct a key: this fraction of the shares
+    secagg_clip_range: float = 8.0      # each (weighted) delta value is clipped to +-this, then quantized
     seed: int = 0
     engine: str = "local"
     device: str = "auto"
@@ -287,6 +293,34 @@ class ExperimentConfig:
         if self.byzantine > 0 and self.engine != "local":
             raise ConfigError("byzantine clients are simulated by the local engine only; use --engine local "
                               "(or --byzantine 0)")
+        self._validate_secagg()
+
+    def _validate_secagg(self) -> None:
+        """SecAgg+ reveals only the weighted sum of dense float deltas: everything that needs one
+        client's update (robust aggregators, FedEx-LoRA's products, lossy codecs with per-client
+        scales or indices) cannot run under it."""
+        for key in ("secagg_shares", "secagg_threshold"):
+            v = getattr(self, key)
+            if not 0 < v <= 1:
+                raise ConfigError(f"{key} must be a fraction in (0, 1], got {v!r}")
+        if not self.secagg_clip_range > 0:
+            raise ConfigError(f"secagg_clip_range must be a positive number, got {self.secagg_clip_range!r}")
+        if not self.secagg:
+            return
+        if self.clients_per_round < 3:
+            raise ConfigError(f"secure aggregation needs --clients-per-round 3 or more (got {self.clients_per_round}): "
+                              "with 2, each client can subtract its own update from the new global state and "
+                              "learn the other's")
+        if self.codec != "none" or self.error_feedback:
+            raise ConfigError(f"secure aggregation sums dense deltas under its own quantization; codec "
+                              f"{self.codec!r}{' with error feedback' if self.error_feedback else ''} cannot be summed "
+                              "under masks (per-client scales or indices): use --codec none")
+        if self.aggregator != "mean":
+            raise ConfigError(f"aggregator {self.aggregator!r} needs each client's update, which secure aggregation "
+                              "hides from the server: use --aggregator mean with --secagg")
+        if self.method == "fedex-lora":
+            raise ConfigError("fedex-lora needs each client's B_i A_i product, which secure aggregation hides from "
+                              "the server: use ffa-lora, fedavg-lora, fedsa-lora or scl with --secagg")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, local_epochs=self.local_epochs, lr=self.lr,

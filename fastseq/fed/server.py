@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,6 +55,25 @@ class ServerConfig:
     trim_fraction: float = 0.2
     norm_bound: float | None = None   # norm-clip's L2 bound on each client's delta
     personal_eval_clients: int | None = None  # see personal_eval_count
+
+
+@dataclass
+class SecureSum:
+    """What a secure-aggregation round (SecAgg+, :mod:`fastseq.flower.secagg`) gives the server:
+    the example-weighted mean of the contributing clients' deltas and nothing per client but
+    their weights (example counts) and training metrics.
+
+    ``mean_delta`` lists one tensor per shared name in sorted order; ``None`` when the protocol
+    halted (too few clients answered a stage). Bytes are the protocol's payload bytes.
+    """
+
+    mean_delta: list[torch.Tensor] | None
+    weights: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Server:
@@ -181,19 +200,57 @@ class Server:
             if isinstance(tl, (int, float)) and math.isfinite(tl):
                 losses.append((tl, upd.example_count))
         summary = self.bytes.summary(round)
-        record: dict[str, Any] = {
-            "round": round, "method": self.method.name, "clients": ok, "dropped": dropped,
-            "uplink_bytes": summary["uplink_bytes"] + summary["uplink_rejected_bytes"],
-            "downlink_bytes": summary["downlink_bytes"],
-            "examples": int(sum(weights)),
-            "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
-        }
+        record = self._record(round, ok, dropped, summary["uplink_bytes"] + summary["uplink_rejected_bytes"],
+                              summary["downlink_bytes"], weights, losses)
         if self.cfg.aggregator == "norm-clip":
             record["clipped"] = clipped  # clients whose delta was scaled down to norm_bound
-        if len(ok) < max(1, self.cfg.min_clients):
+        return self._commit(round, record, states, weights)
+
+    def aggregate_secure(self, round: int, result: SecureSum) -> dict[str, Any]:
+        """The round record from a secure sum: the new global state is the weighted mean of what
+        the contributing clients knew (the server sent it: exact) plus the revealed mean delta."""
+        dropped = [{"client": str(c), "reason": str(r)} for c, r in result.failures]
+        for d in dropped:
+            self.log(f"round {round}: dropped client {d['client']}: {d['reason']}")
+        ok = sorted(result.weights, key=int)
+        weights = [float(result.weights[c]) for c in ok]
+        losses = [(m["train_loss"], result.weights[c]) for c, m in result.metrics.items()
+                  if c in result.weights and isinstance(m.get("train_loss"), (int, float))
+                  and math.isfinite(m["train_loss"])]
+        summary = self.bytes.summary(round)
+        record = self._record(round, ok, dropped, result.uplink_bytes, summary["downlink_bytes"] + result.downlink_bytes,
+                              weights, losses)
+        record["secure_aggregation"] = dict(result.info)
+        states: list[dict[str, torch.Tensor]] = []
+        if result.mean_delta is not None and ok:
+            names = sorted(self.shared)
+            shapes = [tuple(t.shape) for t in result.mean_delta]
+            if shapes != [self._shapes[n] for n in names]:
+                raise PayloadError(f"the secure sum has shapes {shapes}, expected {[self._shapes[n] for n in names]}")
+            known = [self._held.get(c) for c in ok]
+            if any(k is None for k in known):
+                raise PayloadError("a client in the secure sum never received the global state")
+            total = sum(weights)
+            states = [{n: sum(w * k[n].float() for w, k in zip(weights, known)) / total + d.float()
+                       for n, d in zip(names, result.mean_delta)}]
+        return self._commit(round, record, states, [sum(weights)] if states else [])
+
+    def _record(self, round: int, ok: list[str], dropped: list[dict], up: int, down: int,
+                weights: list[float], losses: list[tuple[float, float]]) -> dict[str, Any]:
+        return {
+            "round": round, "method": self.method.name, "clients": ok, "dropped": dropped,
+            "uplink_bytes": up, "downlink_bytes": down, "examples": int(sum(weights)),
+            "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
+        }
+
+    def _commit(self, round: int, record: dict[str, Any], states: list[dict[str, torch.Tensor]],
+                weights: list[float]) -> dict[str, Any]:
+        """Aggregate ``states`` into the global state (server optimizer step), or skip the round
+        when fewer than ``min_clients`` updates are valid."""
+        if len(record["clients"]) < max(1, self.cfg.min_clients) or not states:
             record["skipped"] = True
-            self.log(f"round {round}: only {len(ok)} valid updates (< min_clients={self.cfg.min_clients}); "
-                     "the global state is unchanged")
+            self.log(f"round {round}: only {len(record['clients'])} valid updates (< min_clients="
+                     f"{self.cfg.min_clients}); the global state is unchanged")
         else:
             target = self.method.aggregate(self.global_state, states, weights, combine=self.combine)
             delta = {n: target[n] - self.global_state[n] for n in self.shared}

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 
 from .config import from_run_config
@@ -39,6 +41,7 @@ log = logging.getLogger("fastseq.flower")
 
 RECORD = "fastseq"
 NO_DISCARD = -2
+FITINS_CONFIG = "fitins.config"  # SecAgg+'s collect stage: the request in a legacy FitIns config
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -106,17 +109,20 @@ class RemoteClient:
     """Stands in for :class:`fastseq.fed.client.Client` inside the embedded round loop: the same
     ``fit``/``evaluate``/``discard_after`` interface, executed on the client's SuperNode."""
 
-    def __init__(self, grid: Grid, node_id: int, client_id: str, timeout: float):
+    def __init__(self, grid: Grid, node_id: int, client_id: str, timeout: float, secagg=None):
         self.grid, self.node_id, self.client_id, self.timeout = grid, node_id, str(client_id), timeout
+        self.secagg = secagg  # SecAggSettings when rounds run under SecAgg+ (see secure_sum)
         self._discard = NO_DISCARD
 
     def discard_after(self, round: int) -> None:
         # Applied by the node before its next fit/evaluate (its state lives on that machine).
         self._discard = int(round)
 
+    def _request(self, blob: bytes, round: int) -> dict[str, Any]:
+        return {"client-id": self.client_id, "round": int(round), "blob": bytes(blob), "discard-after": self._discard}
+
     def _message(self, kind: str, blob: bytes, round: int) -> Message:
-        content = RecordDict({RECORD: ConfigRecord({"client-id": self.client_id, "round": int(round),
-                                                    "blob": bytes(blob), "discard-after": self._discard})})
+        content = RecordDict({RECORD: ConfigRecord(self._request(blob, round))})
         return Message(content=content, dst_node_id=self.node_id, message_type=kind)
 
     def _reply(self, kind: str, reply: Message | None, round: int) -> ConfigRecord:
@@ -160,6 +166,18 @@ class RemoteClient:
                 outcomes.append(e)
         return outcomes
 
+    @classmethod
+    def secure_sum(cls, pairs: list[tuple["RemoteClient", bytes]], round: int):
+        """One round's fits under Flower's SecAgg+ (:mod:`.secagg`): the server gets only the
+        example-weighted mean of the deltas (a :class:`fastseq.fed.server.SecureSum`)."""
+        from .secagg import secure_sum
+
+        requests = [(c.client_id, c.node_id, c._request(blob, round)) for c, blob in pairs]
+        result = secure_sum(requests, pairs[0][0].grid, round, pairs[0][0].secagg)
+        for c, _ in pairs:
+            c._discard = NO_DISCARD  # the request carried it
+        return result
+
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
         return json.loads(self._call("evaluate", downlink_blob, round)["metrics"])
 
@@ -180,8 +198,15 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
     echo("flower: client -> node " + ", ".join(f"{c}->{n}" for c, n in sorted(nodes.items(), key=lambda x: int(x[0]))))
     timeout = float(flower["reply-timeout-s"])
 
-    def factory(_cfg, _rt, cid, _state_dir):
-        return RemoteClient(grid, nodes[str(cid)], str(cid), timeout)
+    def factory(_cfg, rt, cid, _state_dir):
+        secagg = None
+        if cfg.secagg:
+            from .secagg import SecAggSettings
+
+            # a client's weight is its example count, at most the largest partition
+            secagg = SecAggSettings(cfg.secagg_shares, cfg.secagg_threshold, cfg.secagg_clip_range,
+                                    max_weight=float(max(len(p) for p in rt.parts)), timeout=timeout)
+        return RemoteClient(grid, nodes[str(cid)], str(cid), timeout, secagg=secagg)
 
     local_cfg = dataclasses.replace(cfg, engine="local")
     summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo)
@@ -246,7 +271,8 @@ def build_local_client(context: Context, client_id: str):
 
 
 def _handle(msg: Message, context: Context, kind: str) -> Message:
-    req = msg.content.config_records[RECORD]
+    secure = kind == "train" and FITINS_CONFIG in msg.content.config_records  # SecAgg+'s collect stage
+    req = msg.content.config_records[FITINS_CONFIG if secure else RECORD]
     cid = str(req["client-id"])
     pid = _node_partition(context)
     if cid != str(pid):
@@ -257,13 +283,25 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
     blob, rnd = req["blob"], int(req["round"])
     if kind == "train":
         up, metrics = client.fit(blob, rnd)
+        if secure:
+            from .secagg import fit_reply
+
+            return fit_reply(msg, up, metrics)
         rec = ConfigRecord({"blob": up, "metrics": json.dumps(metrics)})
     else:
         rec = ConfigRecord({"metrics": json.dumps(client.evaluate(blob, rnd))})
     return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
 
 
-@client_app.train()
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """A ClientApp mod: Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round
+    (:mod:`.secagg`), the plain handler for everything else."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@client_app.train(mods=[secagg_when_asked])
 def _client_train(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "train")
 
