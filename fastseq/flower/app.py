@@ -40,8 +40,6 @@ log = logging.getLogger("fastseq.flower")
 RECORD = "fastseq"
 NO_DISCARD = -2
 
-server_app = ServerApp()
-client_app = ClientApp()
 
 
 class RemoteClientError(RuntimeError):
@@ -185,20 +183,17 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
 
     local_cfg = dataclasses.replace(cfg, engine="local")
     summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo)
-    # config.json as the embedded engine writes it, plus how this run was carried out.
+    # config.json as the embedded engine writes it, plus how this run was carried out
+    # ("flower-sim" when the Simulation Engine carried it, "flower" otherwise).
+    engine = cfg.engine if cfg.engine != "local" else "flower"
     cpath = Path(cfg.out) / "config.json"
     conf = json.loads(cpath.read_text())
-    conf["engine"] = "flower"
+    conf["engine"] = engine
     conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()}, **flower}
     atomic_write_json(cpath, conf)
-    summary["engine"] = "flower"
+    summary["engine"] = engine
     atomic_write_json(Path(cfg.out) / "summary.json", summary)
     return summary
-
-
-@server_app.main()
-def _server_main(grid: Grid, context: Context) -> None:
-    run_server(grid, dict(context.run_config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,19 +258,50 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
     return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
 
 
-@client_app.train()
-def _client_train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, "train")
-
-
-@client_app.evaluate()
-def _client_evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, "evaluate")
-
-
-@client_app.query()
-def _client_query(msg: Message, context: Context) -> Message:
+def _query(msg: Message, context: Context) -> Message:
     nc = context.node_config
     rec = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)),
                         "num-partitions": int(nc.get("num-partitions", -1))})
     return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The apps
+# ---------------------------------------------------------------------------------------------
+def _with_run_config(context: Context, base: dict[str, Any] | None) -> Context:
+    """``context`` whose run config is ``base`` overridden by the run config the run brought."""
+    if not base:
+        return context
+    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                   state=context.state, run_config={**base, **dict(context.run_config)})
+
+
+def make_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, ClientApp]:
+    """fastseq's ServerApp and ClientApp.
+
+    ``flwr run`` hands the apps the project's run config in their Context; Flower's
+    ``flwr.simulation.run_simulation`` hands them an empty one, so the simulation runner passes
+    its run config here (the run's own keys, if any, still win)."""
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _server_main(grid: Grid, context: Context) -> None:
+        run_server(grid, dict(_with_run_config(context, run_config).run_config))
+
+    @client.train()
+    def _client_train(msg: Message, context: Context) -> Message:
+        return _handle(msg, _with_run_config(context, run_config), "train")
+
+    @client.evaluate()
+    def _client_evaluate(msg: Message, context: Context) -> Message:
+        return _handle(msg, _with_run_config(context, run_config), "evaluate")
+
+    @client.query()
+    def _client_query(msg: Message, context: Context) -> Message:
+        return _query(msg, context)
+
+    return server, client
+
+
+# The components named in flower_app/pyproject.toml (and in the projects run_flower generates).
+server_app, client_app = make_apps()
