@@ -304,4 +304,7 @@ def make_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, Clie
 
 
 # The components named in flower_app/pyproject.toml (and in the projects run_flower generates).
-server_app, client_app = make_apps()
+# One plain assignment each: `flwr run` finds components by parsing this file (ast.Assign to a name).
+_APPS = make_apps()
+server_app = _APPS[0]
+client_app = _APPS[1]
