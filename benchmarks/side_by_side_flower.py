@@ -137,7 +137,7 @@ def _trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def flower_apps(spec: dict, marks: list):
+def flower_apps(spec: dict, marks: list, fits: list):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -194,8 +194,18 @@ def flower_apps(spec: dict, marks: list):
             marks.append((rnd, time.perf_counter(), ev.get("accuracy")))
             return MetricRecord({"accuracy": float(ev.get("accuracy", 0.0)), "eval_loss": float(ev["eval_loss"])})
 
+        class CountingFedAvg(FedAvg):
+            """Flower's FedAvg, which skips failed replies silently: count them (a round whose
+            clients all failed would otherwise look like a fast round that learnt nothing)."""
+
+            def aggregate_train(self, server_round, replies):
+                replies = list(replies)
+                errors = [f"{r.error.code}: {r.error.reason}"[:500] for r in replies if r.has_error()]
+                fits.append(dict(round=server_round, ok=len(replies) - len(errors), errors=errors))
+                return super().aggregate_train(server_round, replies)
+
         k = spec["clients_per_round"]
-        strategy = FedAvg(fraction_train=k / spec["clients"], fraction_evaluate=0.0, min_train_nodes=k,
+        strategy = CountingFedAvg(fraction_train=k / spec["clients"], fraction_evaluate=0.0, min_train_nodes=k,
                           min_available_nodes=spec["clients"])
         strategy.start(grid=grid, initial_arrays=ArrayRecord(_trainable(model)), num_rounds=spec["rounds"],
                        train_config=ConfigRecord({}), evaluate_fn=evaluate)
@@ -211,7 +221,8 @@ def arm_flower(spec: dict, work: Path) -> dict:
 
     os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0")
     marks: list = []
-    server, client = flower_apps(spec, marks)
+    fits: list = []
+    server, client = flower_apps(spec, marks, fits)
     backend = {"client_resources": {"num_cpus": spec["client_cpus"], "num_gpus": 0.0},
                "init_args": {"num_cpus": spec["ray_cpus"], "include_dashboard": False, "log_to_driver": False,
                              "object_store_memory": 200 * 1024**2, "logging_level": logging.ERROR}}
@@ -224,8 +235,11 @@ def arm_flower(spec: dict, work: Path) -> dict:
     wall = time.perf_counter() - t0
     if len(marks) != spec["rounds"] + 1:
         raise RuntimeError(f"the Flower arm evaluated {len(marks)} times for {spec['rounds']} rounds; see its log")
+    failed = [f for f in fits if f["errors"] or f["ok"] != spec["clients_per_round"]]
+    if failed:  # the comparison assumes every sampled client trained in both arms
+        raise RuntimeError(f"Flower clients failed: {json.dumps(failed)[:3000]}")
     return dict(round_seconds=[b[1] - a[1] for a, b in zip(marks, marks[1:])], accuracy=[m[2] for m in marks],
-                arm_wall_s=wall)
+                fits_ok=[f["ok"] for f in fits], arm_wall_s=wall)
 
 
 # ---------------------------------------------------------------------------------------------

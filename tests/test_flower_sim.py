@@ -144,6 +144,10 @@ def test_client_resources_are_validated(tmp_path):
         check_resources(cfg, args)
     with pytest.raises(ConfigError, match="client_cpus=4.0 exceeds the 2 CPUs"):
         check_resources(dataclasses.replace(cfg, client_cpus=4.0, client_gpus=0.0), args)
+    with pytest.raises(ConfigError, match="client_gpus=0: Ray gives the virtual clients no GPU"):
+        check_resources(dataclasses.replace(cfg, device="cuda", client_gpus=0.0), args)
+    check_resources(dataclasses.replace(cfg, client_gpus=0.0), args)  # CPU clients on 2 CPUs: fine
+    check_resources(cfg, {**args, "num_gpus": 1})  # a quarter of one GPU: fine
 
 
 def test_cli_client_resource_flags(tmp_path, monkeypatch, capsys):

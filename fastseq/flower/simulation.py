@@ -135,6 +135,10 @@ def check_resources(cfg, init_args: dict[str, Any]) -> None:
     if cfg.client_gpus > gpus:
         raise ConfigError(f"client_gpus={cfg.client_gpus} but Ray has {gpus:g} GPUs (CUDA devices visible); pass "
                           f"--client-gpus 0 or run on a machine with a GPU")
+    if cfg.device.startswith("cuda") and cfg.client_gpus == 0:
+        # Ray hides every GPU from an actor that asked for none.
+        raise ConfigError(f"device={cfg.device!r} but client_gpus=0: Ray gives the virtual clients no GPU; pass "
+                          f"--client-gpus F (e.g. 0.25: four clients per GPU) or --device auto")
 
 
 def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides: dict[str, Any] | None = None,
