@@ -38,7 +38,6 @@ Writes ``benchmarks/results/side_by_side_flower.{csv,json,md,png}`` (``--out-dir
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random

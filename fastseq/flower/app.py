@@ -8,6 +8,10 @@ partition and returns the uplink blob the node's :class:`fastseq.fed.client.Clie
 produced. Blobs travel unchanged as ``bytes`` values of a ``ConfigRecord`` (no re-encoding,
 no pickle); metrics travel as a JSON string.
 
+``make_apps(run_config)`` builds the pair; the module's ``server_app`` / ``client_app`` (named in
+``flower_app/pyproject.toml``) read the run config ``flwr run`` gives them, and
+``fastseq.flower.simulation`` passes its own to ``make_apps`` (``run_simulation`` gives none).
+
 Client ids are partition ids: a SuperNode started with ``--node-config "partition-id=N
 num-partitions=M"`` is fastseq client ``"N"`` of an experiment with ``clients = M``. The
 ServerApp discovers the mapping with a ``query`` message to every connected node.
@@ -39,7 +43,6 @@ log = logging.getLogger("fastseq.flower")
 
 RECORD = "fastseq"
 NO_DISCARD = -2
-
 
 
 class RemoteClientError(RuntimeError):
@@ -273,7 +276,8 @@ def _with_run_config(context: Context, base: dict[str, Any] | None) -> Context:
     if not base:
         return context
     return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                   state=context.state, run_config={**base, **dict(context.run_config)})
+                   state=context.state, run_config={**base, **dict(context.run_config)},
+                   series_id=getattr(context, "series_id", 0))
 
 
 def make_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, ClientApp]:
