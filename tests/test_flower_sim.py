@@ -71,6 +71,45 @@ def test_flower_sim_matches_local_engine(tmp_path):
     assert (tmp_path / "sim" / "clients").is_dir()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_flower_sim_resumes_a_local_run(tmp_path):
+    """A run started on the local engine resumes on flower-sim with other client resources (how,
+    not what): the client state the local engine persisted is where the virtual clients find it,
+    and the result equals an uninterrupted local run."""
+    pytest.importorskip("ray")
+    run_experiment(_cfg(tmp_path / "full", rounds=3), echo=lambda s: None)
+    run_experiment(_cfg(tmp_path / "run", rounds=1), echo=lambda s: None)
+    summary = engines.run(_cfg(tmp_path / "run", rounds=3, engine="flower-sim", client_cpus=0.5), resume=True,
+                          echo=lambda s: None)
+    assert summary["engine"] == "flower-sim" and summary["rounds"] == 3
+    assert_same_run(tmp_path / "full", tmp_path / "run", rounds=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_flower_sim_stops_ray_when_the_server_fails(tmp_path, monkeypatch):
+    """An error in the ServerApp reaches the caller; Ray is shut down, its processes are gone
+    and the environment Flower's Ray backend rewrites (PYTHONPATH) is restored."""
+    pytest.importorskip("ray")
+    import os
+
+    import ray
+
+    import fastseq.flower.app as app
+
+    def broken(grid, run_config, echo=print):
+        raise RuntimeError("server exploded on purpose")
+
+    monkeypatch.setattr(app, "run_server", broken)
+    env_before = os.environ.get("PYTHONPATH")
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="server exploded on purpose"):
+        engines.run(_cfg(tmp_path / "x", engine="flower-sim"), echo=lambda s: None)
+    assert not ray.is_initialized() and _ray_processes_since(t0) == []
+    assert os.environ.get("PYTHONPATH") == env_before
+
+
 def test_fed_does_not_import_flower():
     """The engine choice sits above fastseq.fed: no module of fed imports fastseq.flower (not even
     inside a function)."""
