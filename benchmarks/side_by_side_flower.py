@@ -31,9 +31,10 @@ and of PSS (shared pages split between processes: the fairer total), and CPU sec
 tree (sum of each process's largest sampled user+system time).
 
     python benchmarks/side_by_side_flower.py            # MiniLM + bbc-news, 5 clients, 3 per round
-    python benchmarks/side_by_side_flower.py --smoke    # tiny-bert, synthetic, seconds (tests)
+    python benchmarks/side_by_side_flower.py --smoke    # tiny-bert, synthetic, about a minute (tests)
+    python benchmarks/side_by_side_flower.py --ray-cpus 1 --tag 1cpu   # Flower on one core too
 
-Writes ``benchmarks/results/side_by_side_flower.{csv,json,md,png}`` (``--out-dir`` elsewhere).
+Writes ``benchmarks/results/side_by_side_flower[_<tag>].{csv,json,md,png}`` (``--out-dir`` elsewhere).
 """
 from __future__ import annotations
 
@@ -387,6 +388,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per Flower actor")
     ap.add_argument("--sample-s", type=float, default=0.25, help="memory sampling interval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", help="suffix of the result files (e.g. 1cpu for --ray-cpus 1)")
     ap.add_argument("--arm", choices=("fastseq", "flower"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -435,7 +437,7 @@ def main(argv=None) -> dict:
               "peak PSS": rows[1]["peak_pss_mb"] / rows[0]["peak_pss_mb"],
               "peak RSS": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
               "CPU seconds": rows[1]["cpu_s"] / rows[0]["cpu_s"]}
-    stem = out_dir / (STEM + ("_smoke" if args.smoke else ""))
+    stem = out_dir / (STEM + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else ""))
     write_results(stem, rows, spec=spec, ratios=ratios, seconds=time.time() - t0, **prov)
     write_markdown(Path(f"{stem}.md"), spec, rows, ratios, prov)
     plot(Path(f"{stem}.png"), rows, spec)
