@@ -84,7 +84,10 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--secagg-clip-range", "secagg_clip_range", float, "SecAgg+: clip each weighted delta value to +-this before "
                                                         "quantizing (2^22 levels)"),
     ("--seed", "seed", int, "seed of every RNG"),
-    ("--engine", "engine", str, "local | flower"),
+    ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
+                                "flower-sim (Flower's Simulation Engine, Ray actors)"),
+    ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),
+    ("--client-gpus", "client_gpus", float, "flower-sim: GPU fraction per virtual client, e.g. 0.25"),
     ("--out", "out", str, "output directory (default runs/<timestamp>-<method>)"),
     ("--quantization", "quantization", str, "backbone quantization: none | int8 | nf4"),
     ("--max-length", "max_length", int, "max tokens per text example"),
@@ -147,7 +150,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .fed.engine import read_run_config, run_experiment
+    from .engines import run
+    from .fed.engine import read_run_config
     from .fed.experiment import ExperimentConfig, load_config_file
 
     over = _overrides(args)
@@ -162,12 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         base.update(over)
         base["out"] = str(d)
         cfg = ExperimentConfig.from_dict(base)
-        run_experiment(cfg, resume=True)
+        run(cfg, resume=True)
         return 0
     base = load_config_file(args.config) if args.config else {}
     base.update(over)
     cfg = ExperimentConfig.from_dict(base)
-    run_experiment(cfg)
+    run(cfg)
     return 0
 
 

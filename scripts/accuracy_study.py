@@ -238,10 +238,10 @@ def _load(spec: Spec) -> Run:
 
 
 def _run_here(spec: Spec) -> None:
-    from fastseq.fed.engine import run_experiment
+    from fastseq.engines import run
     from fastseq.fed.experiment import ExperimentConfig
 
-    run_experiment(ExperimentConfig.from_dict(dict(spec.cfg)), echo=lambda *_: None)
+    run(ExperimentConfig.from_dict(dict(spec.cfg)), echo=lambda *_: None)
 
 
 def _run_subprocess(spec: Spec, threads: int) -> None:

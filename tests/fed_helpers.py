@@ -17,3 +17,43 @@ def tiny_config(tmp_path, name="run", **kw) -> ExperimentConfig:
 def history(out) -> list[dict]:
     with open(f"{out}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def assert_same_run(local_out, other_out, *, rounds: int, clients=None, frozen_c: bool = False) -> None:
+    """``other_out`` (a run on another engine) computed what the local engine's ``local_out``
+    did: the same sampling, bytes, metrics, final adapter and last checkpoint."""
+    from pathlib import Path
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    local_out, other_out = Path(local_out), Path(other_out)
+    a, b = history(local_out), history(other_out)
+    assert [r["round"] for r in b] == list(range(rounds + 1))
+    assert [r["clients"] for r in b] == [r["clients"] for r in a]
+    if clients is not None:
+        assert [r["clients"] for r in b] == clients
+    for ra, rb in zip(a, b):
+        for k in ("uplink_bytes", "downlink_bytes", "examples", "dropped", "skipped"):
+            assert ra[k] == rb[k], k
+        for k in ("eval_loss", "accuracy", "train_loss"):
+            if ra.get(k) is None:
+                assert rb.get(k) is None
+            else:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), k
+    fa = sorted((local_out / "adapter").glob("*.safetensors"))
+    assert fa, "the local engine wrote no adapter"
+    for f in fa:
+        x, y = load_file(f), load_file(other_out / "adapter" / f.name)
+        assert set(x) == set(y)
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+            if ".scl.compress." in k and frozen_c:
+                assert torch.equal(y[k], x[k]), k  # a frozen C: bit for bit
+    x = load_file(local_out / "checkpoints" / f"round_{rounds}" / "server.safetensors")
+    y = load_file(other_out / "checkpoints" / f"round_{rounds}" / "server.safetensors")
+    assert set(x) == set(y)
+    assert not frozen_c or not any(".scl.compress." in k for k in x)  # a frozen C is no global state
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)

@@ -6,11 +6,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("flwr")
 
-from safetensors.torch import load_file  # noqa: E402
+from fed_helpers import assert_same_run  # noqa: E402
 
 from fastseq.fed.engine import run_experiment  # noqa: E402
 from fastseq.fed.experiment import ExperimentConfig  # noqa: E402
@@ -84,39 +83,10 @@ def test_flower_deployment_matches_local_engine(tmp_path, variant):
     assert not [n for n, p in pids.items() if _alive(p)]
     assert fl["flower_status"] == "finished:completed" and fl["engine"] == "flower"
 
-    # the same metrics (same sampling, same updates, same evaluation)
-    def rows(d):
-        return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = rows(tmp_path / "local"), rows(tmp_path / "flower")
-    assert [r["round"] for r in b] == [0, 1, 2]
-    assert [r["clients"] for r in b] == [r["clients"] for r in a] == [[], ["1"], ["0"]]
-    for ra, rb in zip(a, b):
-        for k in ("uplink_bytes", "downlink_bytes", "examples", "dropped", "skipped"):
-            assert ra[k] == rb[k], k
-        for k in ("eval_loss", "accuracy", "train_loss"):
-            if ra.get(k) is None:
-                assert rb.get(k) is None
-            else:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), k
+    # the same metrics (same sampling, same updates, same evaluation) and the same state
+    assert_same_run(tmp_path / "local", tmp_path / "flower", rounds=2, clients=[[], ["1"], ["0"]],
+                    frozen_c=bool(variant))
     assert fl["final"] == pytest.approx(emb["final"]) and fl["uplink_bytes"] == emb["uplink_bytes"]
-
-    # the same aggregated state: final adapter and last checkpoint
-    fa = sorted((tmp_path / "local" / "adapter").glob("*.safetensors"))
-    assert fa, "the local engine wrote no adapter"
-    for f in fa:
-        x, y = load_file(f), load_file(tmp_path / "flower" / "adapter" / f.name)
-        assert set(x) == set(y)
-        for k in x:
-            torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
-            if ".scl.compress." in k and variant:
-                assert torch.equal(y[k], x[k]), k  # a frozen C: bit for bit
-    x = load_file(tmp_path / "local" / "checkpoints" / "round_2" / "server.safetensors")
-    y = load_file(tmp_path / "flower" / "checkpoints" / "round_2" / "server.safetensors")
-    assert set(x) == set(y)
-    assert not variant or not any(".scl.compress." in k for k in x)  # a frozen C is no global state
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
 
     # the clients' persisted state lives where the local engine keeps it
     assert (tmp_path / "flower" / "clients" / "client_0" / "round_2.safetensors").is_file()

@@ -85,7 +85,8 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 
 # What a resumed run may change: how and how long it runs, never what it computes.
-RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size")
+RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
+                     "client_gpus")
 
 
 class AlreadyFinished(ConfigError):
@@ -225,16 +226,13 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
                    client_factory: Callable | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a federated experiment on the local engine; returns the summary."""
     hooks = hooks or Hooks()
-    if cfg.engine == "flower":
-        try:
-            from ..flower import run_flower  # noqa: PLC0415
-        except ImportError as e:
-            raise ConfigError("engine 'flower' needs fastseq.flower.run_flower, which is not available in this "
-                              f"installation ({e}); use --engine local") from None
-        return run_flower(cfg, resume=resume)
+    if cfg.engine != "local":
+        # The other engines sit above this package (they run this loop with remote clients).
+        raise ConfigError(f"fastseq.fed.run_experiment runs the local engine only; run engine {cfg.engine!r} with "
+                          f"fastseq.engines.run(cfg) (or `fastseq run --engine {cfg.engine}`)")
     if cfg.secagg and client_factory is None:  # Flower's ServerApp passes its remote clients
         raise ConfigError("secure aggregation hides each client's update from a server in another process; the "
-                          "local engine runs everything in one process: use --engine flower")
+                          "local engine runs everything in one process: use --engine flower or flower-sim")
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)

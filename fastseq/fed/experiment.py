@@ -26,7 +26,8 @@ from .server_opt import SERVER_OPTS
 
 log = logging.getLogger("fastseq.fed")
 
-ENGINES = ("local", "flower")
+# Which engine runs the experiment is chosen above this package (fastseq.engines.run).
+ENGINES = ("local", "flower", "flower-sim")
 VALIDATION_SPLITS = ("clients", "pooled")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
@@ -117,6 +118,10 @@ class ExperimentConfig:
     secagg_clip_range: float = 8.0      # each (weighted) delta value is clipped to +-this, then quantized
     seed: int = 0
     engine: str = "local"
+    # flower-sim: Ray resources of each virtual client (ClientApp actor); a GPU fraction such as
+    # 0.25 puts four clients on one GPU. Ignored by the other engines.
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
     device: str = "auto"
     dtype: str | None = None
     quantization: str = "none"
@@ -234,6 +239,12 @@ class ExperimentConfig:
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ConfigError(f"{key} must be null (the default) or a positive number, got {v!r}")
+        if not self.client_cpus > 0:
+            raise ConfigError(f"client_cpus must be a positive number of CPUs per virtual client (e.g. 1 or 0.5), "
+                              f"got {self.client_cpus!r}")
+        if not self.client_gpus >= 0:
+            raise ConfigError(f"client_gpus must be a GPU fraction >= 0 per virtual client (e.g. 0.25), "
+                              f"got {self.client_gpus!r}")
         for key in ("lora_dropout", "server_momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")

@@ -8,6 +8,10 @@ partition and returns the uplink blob the node's :class:`fastseq.fed.client.Clie
 produced. Blobs travel unchanged as ``bytes`` values of a ``ConfigRecord`` (no re-encoding,
 no pickle); metrics travel as a JSON string.
 
+``make_apps(run_config)`` builds the pair; the module's ``server_app`` / ``client_app`` (named in
+``flower_app/pyproject.toml``) read the run config ``flwr run`` gives them, and
+``fastseq.flower.simulation`` passes its own to ``make_apps`` (``run_simulation`` gives none).
+
 Client ids are partition ids: a SuperNode started with ``--node-config "partition-id=N
 num-partitions=M"`` is fastseq client ``"N"`` of an experiment with ``clients = M``. The
 ServerApp discovers the mapping with a ``query`` message to every connected node.
@@ -42,9 +46,6 @@ log = logging.getLogger("fastseq.flower")
 RECORD = "fastseq"
 NO_DISCARD = -2
 FITINS_CONFIG = "fitins.config"  # SecAgg+'s collect stage: the request in a legacy FitIns config
-
-server_app = ServerApp()
-client_app = ClientApp()
 
 
 class RemoteClientError(RuntimeError):
@@ -210,20 +211,17 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
 
     local_cfg = dataclasses.replace(cfg, engine="local")
     summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo)
-    # config.json as the embedded engine writes it, plus how this run was carried out.
+    # config.json as the embedded engine writes it, plus how this run was carried out
+    # ("flower-sim" when the Simulation Engine carried it, "flower" otherwise).
+    engine = cfg.engine if cfg.engine != "local" else "flower"
     cpath = Path(cfg.out) / "config.json"
     conf = json.loads(cpath.read_text())
-    conf["engine"] = "flower"
+    conf["engine"] = engine
     conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()}, **flower}
     atomic_write_json(cpath, conf)
-    summary["engine"] = "flower"
+    summary["engine"] = engine
     atomic_write_json(Path(cfg.out) / "summary.json", summary)
     return summary
-
-
-@server_app.main()
-def _server_main(grid: Grid, context: Context) -> None:
-    run_server(grid, dict(context.run_config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,19 +299,54 @@ def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-@client_app.train(mods=[secagg_when_asked])
-def _client_train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, "train")
-
-
-@client_app.evaluate()
-def _client_evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, "evaluate")
-
-
-@client_app.query()
-def _client_query(msg: Message, context: Context) -> Message:
+def _query(msg: Message, context: Context) -> Message:
     nc = context.node_config
     rec = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)),
                         "num-partitions": int(nc.get("num-partitions", -1))})
     return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The apps
+# ---------------------------------------------------------------------------------------------
+def _with_run_config(context: Context, base: dict[str, Any] | None) -> Context:
+    """``context`` whose run config is ``base`` overridden by the run config the run brought."""
+    if not base:
+        return context
+    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                   state=context.state, run_config={**base, **dict(context.run_config)},
+                   series_id=getattr(context, "series_id", 0))
+
+
+def make_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, ClientApp]:
+    """fastseq's ServerApp and ClientApp.
+
+    ``flwr run`` hands the apps the project's run config in their Context; Flower's
+    ``flwr.simulation.run_simulation`` hands them an empty one, so the simulation runner passes
+    its run config here (the run's own keys, if any, still win)."""
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _server_main(grid: Grid, context: Context) -> None:
+        run_server(grid, dict(_with_run_config(context, run_config).run_config))
+
+    @client.train(mods=[secagg_when_asked])
+    def _client_train(msg: Message, context: Context) -> Message:
+        return _handle(msg, _with_run_config(context, run_config), "train")
+
+    @client.evaluate()
+    def _client_evaluate(msg: Message, context: Context) -> Message:
+        return _handle(msg, _with_run_config(context, run_config), "evaluate")
+
+    @client.query()
+    def _client_query(msg: Message, context: Context) -> Message:
+        return _query(msg, context)
+
+    return server, client
+
+
+# The components named in flower_app/pyproject.toml (and in the projects run_flower generates).
+# One plain assignment each: `flwr run` finds components by parsing this file (ast.Assign to a name).
+_APPS = make_apps()
+server_app = _APPS[0]
+client_app = _APPS[1]
