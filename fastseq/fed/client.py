@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +24,7 @@ import torch
 
 from ..comm import ErrorFeedback, Expected, apply_downlink, decode, encode, get_codec
 from .checkpoint import atomic_save_tensors, join_prefixed, load_tensors, split_prefixed
+from .privacy import DPConfig, privatize_local
 
 log = logging.getLogger("fastseq.fed")
 
@@ -55,6 +56,7 @@ class TrainConfig:
     error_feedback: bool = False
     seed: int = 0
     eval_batch_size: int = 32
+    dp: DPConfig = field(default_factory=DPConfig)  # mode "local": clip + noise here (see .privacy)
 
     def codec_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {}
@@ -236,11 +238,20 @@ class Client:
 
         now = method.shared_state()
         delta = {k: now[k] - known[k].float() for k in shared}
-        if attack is not None:
-            delta = attack.apply(delta, round, self.client_id)
         train_loss = sum(losses) / len(losses)
         n = len(self.examples)
         extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}
+        local_dp = cfg.dp.mode == "local"
+        if local_dp:
+            # Clip and noise before encoding, so every codec carries (and quantizes) noised values.
+            delta, _ = privatize_local(delta, cfg.dp.clip, cfg.dp.noise,
+                                       derive_seed(cfg.seed, round, self.client_id, "dp-local"))
+            # Nothing else about the data leaves the client: no loss, no step count (local_epochs
+            # makes it a function of the data size), an example count of 1 (the server's mean is
+            # then unweighted).
+            n, extra = 1, {}
+        if attack is not None:  # a hostile client tampers with what it would have sent
+            delta = attack.apply(delta, round, self.client_id)
         header = dict(round=round, client_id=self.client_id, method=method.name, direction="up",
                       example_count=n, extra=extra)
         if cfg.error_feedback:
@@ -252,6 +263,8 @@ class Client:
             blob = encode(delta, get_codec(cfg.codec, **cfg.codec_params()), **header)
         self.save_state(round, known, method.local_state(), ef_state)
         metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob)}
+        if local_dp:  # these travel to the server too on the Flower engine
+            metrics = {"train_loss": None, "uplink_bytes": len(blob)}
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
