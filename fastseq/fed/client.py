@@ -244,7 +244,7 @@ class Client:
         local_dp = cfg.dp.mode == "local"
         if local_dp:
             # Clip and noise before encoding, so every codec carries (and quantizes) noised values.
-            delta, _ = privatize_local(delta, cfg.dp.clip, cfg.dp.noise,
+            delta, _ = privatize_local(delta, cfg.dp.initial_clip(), cfg.dp.noise,
                                        derive_seed(cfg.seed, round, self.client_id, "dp-local"))
             # Nothing else about the data leaves the client: no loss, no step count (local_epochs
             # makes it a function of the data size), an example count of 1 (the server's mean is
