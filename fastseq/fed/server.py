@@ -99,6 +99,7 @@ class Server:
                             max_bytes=self.cfg.max_update_bytes)
         states, weights, ok, losses, clipped = [], [], [], [], []
         norms: dict[str, float] = {}
+        examples = 0
         dp_clip = self.dp.clip if self.dp is not None else None
         for cid, blob in results:
             cid = str(cid)
@@ -133,6 +134,7 @@ class Server:
             # DP-FedAvg's mean has fixed (equal) weights: an example count would be unbounded
             # influence (and is private) under central DP.
             weights.append(1.0 if dp_clip is not None else float(upd.example_count))
+            examples += upd.example_count
             ok.append(cid)
             tl = upd.extra.get("train_loss")
             if isinstance(tl, (int, float)) and math.isfinite(tl):
@@ -142,7 +144,7 @@ class Server:
             "round": round, "method": self.method.name, "clients": ok, "dropped": dropped,
             "uplink_bytes": summary["uplink_bytes"] + summary["uplink_rejected_bytes"],
             "downlink_bytes": summary["downlink_bytes"],
-            "examples": int(sum(weights)),
+            "examples": int(examples),
             "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
         }
         record["update_norms"] = norms
