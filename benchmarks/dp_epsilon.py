@@ -107,19 +107,22 @@ def row(cfg: dict, noise: float, clip: float | None) -> dict:
     hist = history(cfg)
     summary = json.loads((Path(cfg["out"]) / "summary.json").read_text())
     eps = summary.get("epsilon") if noise > 0 else math.inf
+    prov = Path(cfg["out"]) / "provenance.json"
+    commit = json.loads(prov.read_text())["git_commit"] if prov.is_file() else "unrecorded"
     return dict(method=cfg["method"], lr=cfg.get("lr", 1e-2), noise=noise, dp="central" if noise > 0 else "none",
                 dp_clip=clip, epsilon=eps if eps is not None else math.inf, dp_delta=summary.get("dp_delta"),
                 rounds=hist[-1]["round"], accuracy_round0=hist[0].get("accuracy"), accuracy_final=hist[-1].get("accuracy"),
                 accuracy_last3=last_mean(hist, "accuracy"), val_accuracy_last3=last_mean(hist, "val_accuracy"),
                 clipped_fraction=(sum(len(h.get("clipped", [])) for h in hist[1:]) /
                                   max(1, sum(len(h["clients"]) for h in hist[1:]))) if noise > 0 else None,
-                seconds=summary.get("seconds"), out=cfg["out"])
+                seconds=summary.get("seconds"), run_git_commit=commit, out=cfg["out"])
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Accuracy against epsilon (DP-FedAvg, `--dp central`)", "",
              f"Commit {meta['git_commit']}, {meta['device_name']}; {meta['model']} + {meta['task']}, "
-             f"{meta['clients']} clients, {meta['clients_per_round']} per round, {meta['rounds']} rounds. "
+             f"{meta['clients']} clients, {meta['clients_per_round']} per round, {meta['rounds']} rounds "
+             f"(runs at commit(s) {', '.join(sorted({r['run_git_commit'] for r in rows}))}). "
              "epsilon after the last round at delta = 1/clients (dp-accounting RDP, fixed-size sampling without "
              "replacement, replace-one); clip = the median update norm of the method's no-DP run. Test accuracy: "
              "final round and mean of the last 3 rounds; validation: last-3 mean.", "",
@@ -167,6 +170,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny-bert + synthetic task, 2 rounds, noise 0 and 1")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--runs-dir", default=None, help="run directories (default runs/dp_epsilon, smoke: OUT/runs)")
+    ap.add_argument("--noises", type=float, nargs="+", default=None,
+                    help=f"noise multipliers (default {' '.join(map(str, NOISES))}; 0 = the no-DP run, always run first)")
     a = ap.parse_args(argv)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +179,10 @@ def main(argv=None) -> dict:
     if a.smoke:
         runs_dir = runs_dir / "smoke"
     base = base_config(a.smoke)
-    noises = [0.0, 1.0] if a.smoke else NOISES
+    noises = a.noises or ([0.0, 1.0] if a.smoke else NOISES)
+    noises = [0.0] + sorted(set(noises) - {0.0})  # noise 0 first: its update norms give the clip
+    if any(z < 0 for z in noises):
+        ap.error("--noises must be >= 0")
     rows, t0 = [], time.time()
     prov = provenance("cpu")  # the code as it was when the runs started
     bar = tqdm(total=len(METHODS) * len(noises), desc="dp_epsilon", unit="run")
@@ -185,6 +193,8 @@ def main(argv=None) -> dict:
             bar.set_postfix_str(Path(cfg["out"]).name)
             if not finished(cfg):
                 run(cfg)
+                # the code this run used (a rerun reuses it under a later commit)
+                (Path(cfg["out"]) / "provenance.json").write_text(json.dumps(prov, indent=1))
             if noise == 0:
                 clip = median_norm(history(cfg))
             rows.append(row(cfg, noise, None if noise == 0 else clip))
