@@ -117,6 +117,19 @@ def test_privatize_local_clips_then_adds_seeded_noise():
     assert 1.0 < float(noise.std()) < 3.5  # std noise * clip = 2
 
 
+def test_local_noise_is_what_a_quantizing_codec_carries():
+    from fastseq.comm import decode, encode
+
+    torch.manual_seed(0)
+    delta = {"w": torch.randn(64, 32) * 0.01}
+    noised, _ = privatize_local(delta, 0.5, 1.0, seed=3)
+    got = decode(encode(noised, "int8", example_count=1)).tensors["w"]
+    clean, _ = privatize_local(delta, 0.5, 0.0, seed=3)
+    err = float((got - noised["w"]).norm() / noised["w"].norm())
+    assert err < 0.02  # int8 carries the noised delta ...
+    assert float((got - clean["w"]).norm()) > 10 * float(clean["w"].norm())  # ... not the clean one
+
+
 # Both modes at noise 0.5: 5 clients, all sampled, 5 rounds (test split of 20; chance 0.25).
 LEARN = dict(clients=5, clients_per_round=5, rounds=5, max_examples=200, dp_clip=1.0, dp_noise=0.5)
 
