@@ -83,6 +83,20 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                       "shares"),
     ("--secagg-clip-range", "secagg_clip_range", float, "SecAgg+: clip each weighted delta value to +-this before "
                                                         "quantizing (2^22 levels)"),
+    ("--dp", "dp", str, "client-level differential privacy: none | central (server clips + noises the mean) | "
+                        "local (each client clips + noises its delta); see docs/privacy.md"),
+    ("--dp-clip", "dp_clip", float, "DP: L2 bound on each client's shared delta (adaptive: the initial bound, "
+                                    "default 0.1)"),
+    ("--dp-noise", "dp_noise", float, "DP: noise multiplier z (noise std z*clip/n on the mean; local: z*clip)"),
+    ("--dp-delta", "dp_delta", float, "DP: the delta of (epsilon, delta) (default 1/clients)"),
+    ("--dp-clipping", "dp_clipping", str, "DP: fixed | adaptive (central only, quantile-based, Andrew et al. 2021)"),
+    ("--dp-target-clipped-quantile", "dp_target_clipped_quantile", float, "adaptive DP clipping: the fraction of "
+                                                                          "updates to clip (default 0.5)"),
+    ("--dp-clip-norm-lr", "dp_clip_norm_lr", float, "adaptive DP clipping: the clip's geometric learning rate "
+                                                    "(default 0.2)"),
+    ("--dp-clipped-count-stddev", "dp_clipped_count_stddev", float, "adaptive DP clipping: noise std on the count "
+                                                                    "of unclipped updates (default "
+                                                                    "clients_per_round/20)"),
     ("--seed", "seed", int, "seed of every RNG"),
     ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
                                 "flower-sim (Flower's Simulation Engine, Ray actors)"),

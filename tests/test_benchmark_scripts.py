@@ -233,3 +233,30 @@ def test_side_by_side_flower_smoke(tmp_path):
     assert fast["peak_processes"] == 1 and flower["peak_processes"] > 2  # Ray's GCS, raylet, actors
     assert doc["ratios"]["peak PSS"] == pytest.approx(flower["peak_pss_mb"] / fast["peak_pss_mb"])
     assert res["ratios"] == doc["ratios"]
+
+
+def test_dp_epsilon_smoke_and_rerun_reuses_the_runs(tmp_path):
+    pytest.importorskip("dp_accounting")
+    dp = _load("benchmarks/dp_epsilon.py")
+    dp.main(["--smoke", "--out-dir", str(tmp_path)])
+    stem = tmp_path / "dp_epsilon_smoke"
+    rows = _csv(f"{stem}.csv")
+    doc = json.loads(Path(f"{stem}.json").read_text())
+    assert len(rows) == len(doc["rows"]) == 2 * 2  # scl, ffa-lora x noise 0 (no DP), 1
+    assert Path(f"{stem}.png").stat().st_size > 0 and "| ffa-lora | 1 |" in Path(f"{stem}.md").read_text()
+    assert doc["meta"]["git_commit"] and doc["meta"]["torch"]
+    for r in doc["rows"]:
+        hist = [json.loads(line) for line in (Path(r["out"]) / "metrics.jsonl").read_text().splitlines()]
+        assert _finite(r["accuracy_final"]) and r["rounds"] == 2
+        if r["noise"] == 0:
+            assert r["dp"] == "none" and r["epsilon"] is None and r["dp_clip"] is None  # no DP: infinite epsilon
+            norms = sorted(v for h in hist[1:] for v in h["update_norms"].values())
+            clip = next(x["dp_clip"] for x in doc["rows"] if x["method"] == r["method"] and x["noise"] > 0)
+            assert norms[0] <= clip <= norms[-1]  # the clip of the DP run comes from these norms
+        else:
+            assert r["dp"] == "central" and _finite(r["epsilon"]) and r["epsilon"] > 0
+            assert r["epsilon"] == pytest.approx(hist[-1]["epsilon"]) and hist[-1]["dp_clip"] == r["dp_clip"]
+    stamps = {f: f.stat().st_mtime for f in (tmp_path / "runs").rglob("summary.json")}
+    assert len(stamps) == 4
+    dp.main(["--smoke", "--out-dir", str(tmp_path)])  # a rerun reuses every finished run
+    assert {f: f.stat().st_mtime for f in (tmp_path / "runs").rglob("summary.json")} == stamps

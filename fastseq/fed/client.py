@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +26,7 @@ import torch
 from ..comm import ErrorFeedback, Expected, apply_downlink, decode, encode, get_codec
 from .checkpoint import join_prefixed, split_prefixed
 from .state_store import VersionedFiles
+from .privacy import DPConfig, privatize_local
 
 log = logging.getLogger("fastseq.fed")
 
@@ -60,6 +61,7 @@ class TrainConfig:
     # The server's downlink codec: only a lossy one is delta-coded (fastseq.comm.DownlinkState),
     # and only then must the client keep the global state it holds between rounds.
     downlink_codec: str = "none"
+    dp: DPConfig = field(default_factory=DPConfig)  # mode "local": clip + noise here (see .privacy)
 
     def codec_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {}
@@ -252,11 +254,20 @@ class Client:
 
         now = method.shared_state()
         delta = {k: now[k] - known[k].float() for k in shared}
-        if attack is not None:
-            delta = attack.apply(delta, round, self.client_id)
         train_loss = sum(losses) / len(losses)
         n = len(self.examples)
         extra = {"train_loss": train_loss if math.isfinite(train_loss) else None, "steps": steps}
+        local_dp = cfg.dp.mode == "local"
+        if local_dp:
+            # Clip and noise before encoding, so every codec carries (and quantizes) noised values.
+            delta, _ = privatize_local(delta, cfg.dp.initial_clip(), cfg.dp.noise,
+                                       derive_seed(cfg.seed, round, self.client_id, "dp-local"))
+            # Nothing else about the data leaves the client: no loss, no step count (local_epochs
+            # makes it a function of the data size), an example count of 1 (the server's mean is
+            # then unweighted).
+            n, extra = 1, {}
+        if attack is not None:  # a hostile client tampers with what it would have sent
+            delta = attack.apply(delta, round, self.client_id)
         header = dict(round=round, client_id=self.client_id, method=method.name, direction="up",
                       example_count=n, extra=extra)
         if cfg.error_feedback:
@@ -269,6 +280,9 @@ class Client:
         grew = self.save_state(round, known, method.local_state(), ef_state)
         metrics = {"train_loss": train_loss, "steps": steps, "examples": n, "uplink_bytes": len(blob),
                    "train_seconds": train_seconds, "state_bytes_delta": grew}
+        if local_dp:  # these travel to the server too on the Flower engine
+            metrics = {"train_loss": None, "uplink_bytes": len(blob), "train_seconds": train_seconds,
+                       "state_bytes_delta": grew}
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:

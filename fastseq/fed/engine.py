@@ -338,7 +338,8 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         state_bytes = 0
         rec0 = {"round": 0, "method": cfg.method, "train_loss": None, "clients": [], "dropped": [],
                 "uplink_bytes": 0, "downlink_bytes": 0, "examples": 0, "skipped": False, **ev,
-                "seconds": time.time() - t0, "client_state_bytes": 0, "server_state_bytes": server.state_bytes}
+                **server.privacy_metrics(0), "seconds": time.time() - t0, "client_state_bytes": 0,
+                "server_state_bytes": server.state_bytes}
         server.finish_round(rec0)
         save_checkpoint(out, server, 0)
         _write_metrics(metrics_path, server.history)
@@ -448,6 +449,8 @@ def _line(rec: dict) -> str:
         v = rec.get(k)
         if isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4f}")
+    if "epsilon" in rec:  # a DP run: the privacy spent so far (None: no noise, no guarantee)
+        parts.append(f"epsilon {_fmt_eps(rec['epsilon'])}")
     parts.append(f"up {rec.get('uplink_bytes', 0):,} B, down {rec.get('downlink_bytes', 0):,} B")
     if rec.get("dropped"):
         parts.append(f"dropped {[d['client'] for d in rec['dropped']]}")
@@ -456,6 +459,10 @@ def _line(rec: dict) -> str:
     if rec.get("client_state_bytes") or rec.get("server_state_bytes"):
         parts.append(f"client state {rec.get('client_state_bytes', 0) + rec.get('server_state_bytes', 0):,} B on disk")
     return ", ".join(parts)
+
+
+def _fmt_eps(eps) -> str:
+    return f"{eps:.3g}" if isinstance(eps, (int, float)) and math.isfinite(eps) else "inf"
 
 
 def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]:
@@ -485,6 +492,9 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]
         "train_seconds": float(sum(h.get("train_seconds") or 0 for h in hist)),
         "eval_seconds": float(sum(h.get("eval_seconds") or 0 for h in hist)),
     }
+    if cfg.dp != "none":  # the privacy spent by the whole run (null: no noise, no guarantee)
+        summary.update(dp=cfg.dp, epsilon=hist[-1].get("epsilon"), dp_delta=hist[-1].get("dp_delta"),
+                       dp_noise=cfg.dp_noise)
     atomic_write_json(out / "summary.json", _jsonable(summary))
     try:
         from .plots import plot_runs
@@ -494,6 +504,8 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]
         echo(f"warning: could not write curves.png: {e}")
     echo(f"summary: {metric} {first:.4f} at round 0 -> {last:.4f} at round {summary['rounds']} "
          f"(gain {summary['gain']:+.4f}); uplink {summary['uplink_bytes']:,} B, downlink "
-         f"{summary['downlink_bytes']:,} B; {summary['seconds']:.1f} s; outputs in {out}"
+         f"{summary['downlink_bytes']:,} B; {summary['seconds']:.1f} s"
+         + (f"; epsilon {_fmt_eps(summary['epsilon'])} at delta {summary['dp_delta']:.3g}" if "epsilon" in summary
+            else "") + f"; outputs in {out}"
          if isinstance(summary["gain"], float) else f"summary: {summary}")
     return summary

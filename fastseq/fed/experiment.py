@@ -21,6 +21,7 @@ from .attacks import ATTACKS
 from .client import Client, TrainConfig, derive_seed
 from .methods import Method, get_method, list_methods
 from .partition import PARTITIONERS, format_histogram, partition
+from .privacy import DP_CLIPPING, DP_MODES, DPConfig, adaptive_noise_error
 from .server import Server, ServerConfig
 from .server_opt import SERVER_OPTS
 
@@ -116,6 +117,16 @@ class ExperimentConfig:
     secagg_shares: float = 1.0          # each client's key shares: this fraction of the round's clients
     secagg_threshold: float = 0.67      # shares needed to reconstruct a key: this fraction of the shares
     secagg_clip_range: float = 8.0      # each (weighted) delta value is clipped to +-this, then quantized
+    # Client-level differential privacy (fastseq.fed.privacy, docs/privacy.md): none | central | local
+    dp: str = "none"
+    dp_clip: float | None = None        # L2 bound on each client's shared delta (adaptive: the initial one)
+    dp_noise: float = 1.0               # noise multiplier z (the accountant's)
+    dp_delta: float | None = None       # the delta of (epsilon, delta); None: 1 / clients
+    dp_clipping: str = "fixed"          # fixed | adaptive (central only; Andrew et al. 2021)
+    # adaptive clipping, named as Flower's DifferentialPrivacyServerSideAdaptiveClipping
+    dp_target_clipped_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float | None = None  # None: clients_per_round / 20
     seed: int = 0
     engine: str = "local"
     # flower-sim: Ray resources of each virtual client (ClientApp actor); a GPU fraction such as
@@ -305,6 +316,66 @@ class ExperimentConfig:
             raise ConfigError("byzantine clients are simulated by the local engine only; use --engine local "
                               "(or --byzantine 0)")
         self._validate_secagg()
+        self._validate_dp(choice)
+
+    def _validate_dp(self, choice) -> None:
+        choice("dp", DP_MODES)
+        choice("dp_clipping", DP_CLIPPING)
+        if self.dp == "none":
+            # a DP setting without --dp would silently do nothing
+            given = [k for k in ("dp_clip", "dp_delta", "dp_clipped_count_stddev") if getattr(self, k) is not None]
+            given += [k for k in ("dp_noise", "dp_clipping", "dp_target_clipped_quantile", "dp_clip_norm_lr")
+                      if getattr(self, k) != getattr(ExperimentConfig, k)]
+            if given:
+                raise ConfigError(f"{', '.join(given)} set but dp is 'none'; add --dp central or --dp local "
+                                  "(or leave them out)")
+            return
+        if self.dp_clip is not None and not self.dp_clip > 0:
+            raise ConfigError(f"dp_clip must be a positive number (the L2 bound on each client's delta), got "
+                              f"{self.dp_clip!r}")
+        if self.dp_clip is None and self.dp_clipping == "fixed":
+            raise ConfigError(f"--dp {self.dp} needs --dp-clip C, the L2 bound on each client's shared delta (pick C "
+                              "near the median of update_norms in metrics.jsonl of a run without DP), or "
+                              "--dp-clipping adaptive")
+        if not self.dp_noise >= 0:
+            raise ConfigError(f"dp_noise must be a number >= 0 (the noise multiplier; 0 clips only and gives no "
+                              f"privacy), got {self.dp_noise!r}")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1) (e.g. 1e-5; default 1/clients), got {self.dp_delta!r}")
+        if self.dp == "local":
+            if self.dp_clipping == "adaptive":
+                raise ConfigError("--dp-clipping adaptive needs the server to count the clipped updates, which "
+                                  "local DP never shows it; use --dp-clipping fixed with --dp local, or --dp central")
+        else:
+            if self.aggregator != "mean":
+                raise ConfigError(f"--dp central adds noise calibrated to the sensitivity of the mean (clip / n); "
+                                  f"aggregator {self.aggregator!r} has another sensitivity"
+                                  + (" (its clipping is DP's own clipping: --dp-clip)" if self.aggregator == "norm-clip"
+                                     else " (one client can move a coordinate-wise median by up to the clip)")
+                                  + ", so the epsilon would not hold; use --aggregator mean, or --dp local (noise "
+                                    "added by each client, any aggregator is then post-processing)")
+            if self.method == "fedex-lora":
+                raise ConfigError("--dp central cannot cover fedex-lora: its folded residual s*(mean(B_k A_k) - "
+                                  "B_mean A_mean) is built from each client's un-noised factors and its sensitivity "
+                                  "is not bounded by --dp-clip; use --dp local (the server then only sees noised "
+                                  "factors) or another method")
+        if not 0 <= self.dp_target_clipped_quantile <= 1:
+            raise ConfigError(f"dp_target_clipped_quantile must be in [0, 1] (the fraction of updates to clip), got "
+                              f"{self.dp_target_clipped_quantile!r}")
+        if not self.dp_clip_norm_lr > 0:
+            raise ConfigError(f"dp_clip_norm_lr must be a positive number (e.g. 0.2), got {self.dp_clip_norm_lr!r}")
+        if self.dp_clipped_count_stddev is not None and not self.dp_clipped_count_stddev > 0:
+            raise ConfigError(f"dp_clipped_count_stddev must be null (clients_per_round / 20) or a positive number, "
+                              f"got {self.dp_clipped_count_stddev!r}")
+        if self.dp_clipping == "adaptive" and self.dp_noise > 0:
+            sb = self.dp_config().count_stddev(self.clients_per_round)
+            if not self.dp_noise < 2 * sb:
+                raise ConfigError(adaptive_noise_error(self.dp_noise, sb, self.clients_per_round))
+
+    def dp_config(self) -> DPConfig:
+        return DPConfig(mode=self.dp, clip=self.dp_clip, noise=self.dp_noise, delta=self.dp_delta,
+                        clipping=self.dp_clipping, target_clipped_quantile=self.dp_target_clipped_quantile,
+                        clip_norm_lr=self.dp_clip_norm_lr, clipped_count_stddev=self.dp_clipped_count_stddev)
 
     def _validate_secagg(self) -> None:
         """SecAgg+ reveals only the weighted sum of dense float deltas: everything that needs one
@@ -332,6 +403,9 @@ class ExperimentConfig:
         if self.method == "fedex-lora":
             raise ConfigError("fedex-lora needs each client's B_i A_i product, which secure aggregation hides from "
                               "the server: use ffa-lora, fedavg-lora, fedsa-lora or scl with --secagg")
+        if self.dp == "central":
+            raise ConfigError("--dp central clips each client's delta at the server, which secure aggregation hides "
+                              "from it: use --dp local with --secagg (each client clips and noises its own delta)")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, local_epochs=self.local_epochs, lr=self.lr,
@@ -339,14 +413,15 @@ class ExperimentConfig:
                            max_grad_norm=self.max_grad_norm, prox_mu=self.prox_mu, codec=self.codec,
                            block_size=self.block_size, topk=self.topk, stochastic=self.stochastic,
                            error_feedback=self.error_feedback, seed=self.seed, eval_batch_size=self.eval_batch_size,
-                           downlink_codec=self.downlink_codec)
+                           downlink_codec=self.downlink_codec, dp=self.dp_config())
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(num_clients=self.clients, clients_per_round=self.clients_per_round, seed=self.seed,
                             min_clients=self.min_clients, server_opt=self.server_opt, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, downlink_codec=self.downlink_codec,
                             aggregator=self.aggregator, trim_fraction=self.trim_fraction,
-                            norm_bound=self.norm_bound, personal_eval_clients=self.personal_eval_clients)
+                            norm_bound=self.norm_bound, personal_eval_clients=self.personal_eval_clients,
+                            dp=self.dp_config())
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -496,6 +571,10 @@ def check_environment(cfg: ExperimentConfig):
     from ..models import check_model_source
 
     cfg.validate()
+    if cfg.dp != "none":
+        from .privacy import check_accountant
+
+        check_accountant()
     device = resolve_device(cfg.device)
     check_model_source(cfg.model)
     if cfg.quantization != "none":

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ from ..comm import ByteCounter, DownlinkState, Expected, PayloadError, decode
 from .aggregators import clip_update, get_combiner
 from .client import derive_seed
 from .methods import Method
+from .privacy import CentralDP, DPConfig, epsilon_central, epsilon_local, l2_norm
 from .server_opt import ServerOptimizer
 from .state_store import KnownStore
 
@@ -55,6 +57,7 @@ class ServerConfig:
     trim_fraction: float = 0.2
     norm_bound: float | None = None   # norm-clip's L2 bound on each client's delta
     personal_eval_clients: int | None = None  # see personal_eval_count
+    dp: DPConfig = field(default_factory=DPConfig)  # client-level DP, see .privacy
 
 
 @dataclass
@@ -103,6 +106,9 @@ class Server:
         if not (1 <= cfg.clients_per_round <= cfg.num_clients):
             raise ValueError(f"clients_per_round must be in 1..{cfg.num_clients}, got {cfg.clients_per_round}")
         self._shapes = {n: tuple(initial_state[n].shape) for n in self.shared}
+        self.dp = CentralDP(cfg.dp, cfg.clients_per_round) if cfg.dp.mode == "central" else None
+        if self.dp is not None and cfg.aggregator != "mean":
+            raise ValueError("--dp central calibrates its noise to the mean; use aggregator 'mean'")
 
     @property
     def client_ids(self) -> list[str]:
@@ -169,6 +175,9 @@ class Server:
                             method=self.method.name, direction="up", codecs=self.cfg.uplink_codecs,
                             max_bytes=self.cfg.max_update_bytes)
         states, weights, ok, losses, clipped = [], [], [], [], []
+        norms: dict[str, float] = {}
+        examples = 0
+        dp_clip = self.dp.clip if self.dp is not None else None
         for cid, blob in results:
             cid = str(cid)
             try:
@@ -188,23 +197,32 @@ class Server:
                 self.log(f"round {round}: dropped client {cid}: {type(e).__name__}: {e}")
                 continue
             self.bytes.record(upd)
-            tensors = upd.tensors
+            tensors = {n: upd.tensors[n] for n in self.shared}
+            norms[cid] = l2_norm(tensors)  # of the delta as sent (a guide to --dp-clip / --norm-bound)
             if self.cfg.aggregator == "norm-clip":
-                tensors, norm = clip_update({n: tensors[n] for n in self.shared}, self.cfg.norm_bound)
+                tensors, norm = clip_update(tensors, self.cfg.norm_bound)
                 if norm > self.cfg.norm_bound:
                     clipped.append(cid)
+            if dp_clip is not None:
+                tensors, norm = clip_update(tensors, dp_clip)
+                if norm > dp_clip:
+                    clipped.append(cid)
             states.append({n: known[n].float() + tensors[n].float() for n in self.shared})
-            weights.append(float(upd.example_count))
+            # DP-FedAvg's mean has fixed (equal) weights: an example count would be unbounded
+            # influence (and is private) under central DP.
+            weights.append(1.0 if dp_clip is not None else float(upd.example_count))
+            examples += upd.example_count
             ok.append(cid)
             tl = upd.extra.get("train_loss")
             if isinstance(tl, (int, float)) and math.isfinite(tl):
                 losses.append((tl, upd.example_count))
         summary = self.bytes.summary(round)
         record = self._record(round, ok, dropped, summary["uplink_bytes"] + summary["uplink_rejected_bytes"],
-                              summary["downlink_bytes"], weights, losses)
-        if self.cfg.aggregator == "norm-clip":
-            record["clipped"] = clipped  # clients whose delta was scaled down to norm_bound
-        return self._commit(round, record, states, weights)
+                              summary["downlink_bytes"], examples, losses)
+        record["update_norms"] = norms
+        if self.cfg.aggregator == "norm-clip" or dp_clip is not None:
+            record["clipped"] = clipped  # clients whose delta was scaled down to norm_bound / dp_clip
+        return self._commit(round, record, states, weights, norms)
 
     def aggregate_secure(self, round: int, result: SecureSum) -> dict[str, Any]:
         """The round record from a secure sum: the new global state is the weighted mean of what
@@ -219,7 +237,7 @@ class Server:
                   and math.isfinite(m["train_loss"])]
         summary = self.bytes.summary(round)
         record = self._record(round, ok, dropped, result.uplink_bytes, summary["downlink_bytes"] + result.downlink_bytes,
-                              weights, losses)
+                              int(sum(weights)), losses)
         record["secure_aggregation"] = dict(result.info)
         states: list[dict[str, torch.Tensor]] = []
         if result.mean_delta is not None and ok:
@@ -236,23 +254,31 @@ class Server:
         return self._commit(round, record, states, [sum(weights)] if states else [])
 
     def _record(self, round: int, ok: list[str], dropped: list[dict], up: int, down: int,
-                weights: list[float], losses: list[tuple[float, float]]) -> dict[str, Any]:
+                examples: int, losses: list[tuple[float, float]]) -> dict[str, Any]:
         return {
             "round": round, "method": self.method.name, "clients": ok, "dropped": dropped,
-            "uplink_bytes": up, "downlink_bytes": down, "examples": int(sum(weights)),
+            "uplink_bytes": up, "downlink_bytes": down, "examples": int(examples),
             "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else None,
         }
 
     def _commit(self, round: int, record: dict[str, Any], states: list[dict[str, torch.Tensor]],
-                weights: list[float]) -> dict[str, Any]:
-        """Aggregate ``states`` into the global state (server optimizer step), or skip the round
-        when fewer than ``min_clients`` updates are valid."""
+                weights: list[float], norms: dict[str, float] | None = None) -> dict[str, Any]:
+        """Aggregate ``states`` into the global state (central DP: noise on the mean, then the
+        adaptive clip's step; server optimizer step), or skip the round when fewer than
+        ``min_clients`` updates are valid."""
         if len(record["clients"]) < max(1, self.cfg.min_clients) or not states:
             record["skipped"] = True
             self.log(f"round {round}: only {len(record['clients'])} valid updates (< min_clients="
                      f"{self.cfg.min_clients}); the global state is unchanged")
         else:
             target = self.method.aggregate(self.global_state, states, weights, combine=self.combine)
+            if self.dp is not None:
+                ok = record["clients"]
+                noised = self.dp.add_noise({n: target[n] for n in self.shared}, len(ok),
+                                           derive_seed(self.cfg.seed, round, "dp-central"))
+                target = {**target, **noised}
+                record.update(dp_clip=self.dp.clip, dp_noise_std=self.dp.noise_std(len(ok)))
+                self.dp.adapt([norms[c] for c in ok], derive_seed(self.cfg.seed, round, "dp-clip-count"))
             delta = {n: target[n] - self.global_state[n] for n in self.shared}
             new = self.opt.step(self.global_state, delta)
             state = dict(self.global_state)
@@ -262,7 +288,22 @@ class Server:
             record["skipped"] = False
         self.round = round
         self._held = {}
+        record.update(self.privacy_metrics(round))
         return record
+
+    def privacy_metrics(self, round: int) -> dict[str, Any]:
+        """``epsilon`` (at ``dp_delta``) spent after ``round`` rounds; {} without DP. Every round
+        counts, a skipped one too (conservative). Local DP: the most-sampled client's epsilon."""
+        dp = self.cfg.dp
+        if not dp.enabled:
+            return {}
+        delta = dp.target_delta(self.cfg.num_clients)
+        if dp.mode == "central":
+            eps = epsilon_central(dp.noise, self.cfg.num_clients, self.cfg.clients_per_round, round, delta)
+        else:
+            counts = Counter(c for r in range(1, round + 1) for c in self.sample(r))
+            eps = epsilon_local(dp.noise, max(counts.values(), default=0), delta)
+        return {"epsilon": eps, "dp_delta": delta}
 
     def evaluate(self, round: int) -> dict[str, Any]:
         """Evaluate the global state (non-personalised methods): ``evaluator(state, round)``."""
@@ -283,6 +324,8 @@ class Server:
             for cid, st in self.down.known.items():
                 tensors.update({f"known/{cid}/{k}": v for k, v in st.items()})
         meta = {"round": self.round, "history": self.history, "method": self.method.name}
+        if self.dp is not None:
+            meta["dp"] = self.dp.state()  # the adaptive clip
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -305,4 +348,6 @@ class Server:
         elif self.down.delta:
             self.down.known = known
         self.history = list(meta["history"])
+        if self.dp is not None:
+            self.dp.load_state(meta.get("dp"))
 
