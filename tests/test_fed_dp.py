@@ -167,7 +167,7 @@ class Crash(Hooks):
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # wall times differ
 
 
 def test_noise_is_seeded_and_resume_reproduces_the_run(tmp_path):

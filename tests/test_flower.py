@@ -68,7 +68,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("variant", [{}, {"scl_train_compress": False}], ids=["scl", "scl-frozenC"])
+@pytest.mark.parametrize("variant", [{"codec": "int8", "error_feedback": True}, {"scl_train_compress": False}],
+                         ids=["scl-int8-ef", "scl-frozenC"])
 def test_flower_deployment_matches_local_engine(tmp_path, variant):
     """With C frozen, each SuperNode builds C in its own process and it never travels: the same
     metrics and the same final C as the local engine say it is the same C everywhere."""
@@ -84,13 +85,18 @@ def test_flower_deployment_matches_local_engine(tmp_path, variant):
     assert fl["flower_status"] == "finished:completed" and fl["engine"] == "flower"
 
     # the same metrics (same sampling, same updates, same evaluation) and the same state
+    frozen_c = variant.get("scl_train_compress") is False
     assert_same_run(tmp_path / "local", tmp_path / "flower", rounds=2, clients=[[], ["1"], ["0"]],
-                    frozen_c=bool(variant))
+                    frozen_c=frozen_c)
     assert fl["final"] == pytest.approx(emb["final"]) and fl["uplink_bytes"] == emb["uplink_bytes"]
 
-    # the clients' persisted state lives where the local engine keeps it
-    assert (tmp_path / "flower" / "clients" / "client_0" / "round_2.safetensors").is_file()
-    assert (tmp_path / "flower" / "clients" / "client_1" / "round_1.safetensors").is_file()
+    # the clients' persisted state (the error-feedback residual; a frozen-C SCL client keeps
+    # nothing) lives where the local engine keeps it
+    def state_files(run):
+        return sorted(str(p.relative_to(run)) for p in (run / "clients").rglob("*.safetensors"))
+
+    assert state_files(tmp_path / "flower") == state_files(tmp_path / "local")
+    assert bool(state_files(tmp_path / "flower")) == (not frozen_c)
     conf = json.loads((tmp_path / "flower" / "config.json").read_text())
     assert conf["engine"] == "flower" and set(conf["flower"]["nodes"]) == {"0", "1"}
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["engine"] == "flower"
@@ -108,7 +114,8 @@ def test_existing_deployment_and_failing_node(tmp_path):
     try:
         dep.start()
         pids = [p.pid for _, p in dep.procs]
-        cfg = _cfg(tmp_path / "run", clients_per_round=2, rounds=1)
+        # error feedback: a client state for node 0 to persist in its state-dir
+        cfg = _cfg(tmp_path / "run", clients_per_round=2, rounds=1, codec="int8", error_feedback=True)
         summary = run_flower(cfg, superlink=dep.address, insecure=True, timeout=150, echo=lambda s: None)
         dep.check_alive()  # submitting does not stop someone else's deployment
     finally:
