@@ -148,12 +148,16 @@ def test_secagg_on_a_loopback_deployment_equals_the_unmasked_run(tmp_path):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-4), k
     from safetensors.torch import load_file
 
-    x = load_file(tmp_path / "plain" / "checkpoints" / "round_2" / "server.safetensors")
-    y = load_file(tmp_path / "secagg" / "checkpoints" / "round_2" / "server.safetensors")
-    glob = [k for k in x if k.startswith("global/")]
-    assert glob and set(x) == set(y)
-    moved = 0
-    for k in glob:
-        torch.testing.assert_close(y[k], x[k], rtol=0, atol=2e-5)  # 2 rounds of quantization error
-        moved += int(not torch.equal(y[k], x[k]))
-    assert moved  # the values went through SecAgg+'s quantization, not around it
+    # After one round the difference is SecAgg+'s stochastic quantization alone: at most one step
+    # (2 x clip_range / 2^22) per value. Round 2 trains from that state, and Adam's normalised
+    # steps amplify a 1e-7 difference where a gradient is near zero: looser there.
+    step = 2 * 1.0 / 2**22
+    for rnd, atol in ((1, step), (2, 1e-3)):
+        x = load_file(tmp_path / "plain" / "checkpoints" / f"round_{rnd}" / "server.safetensors")
+        y = load_file(tmp_path / "secagg" / "checkpoints" / f"round_{rnd}" / "server.safetensors")
+        glob = [k for k in x if k.startswith("global/")]
+        assert glob and set(x) == set(y)
+        for k in glob:
+            torch.testing.assert_close(y[k], x[k], rtol=0, atol=atol)
+        if rnd == 1:  # the values went through SecAgg+'s quantization, not around it
+            assert any(not torch.equal(y[k], x[k]) for k in glob)

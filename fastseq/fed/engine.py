@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..models import resolve_model_source
 from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
-from .experiment import ExperimentConfig, build_client, build_runtime, build_server, default_out
+from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
 from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
 log = logging.getLogger("fastseq.fed")
@@ -157,6 +157,17 @@ def check_no_earlier_run(out: Path) -> None:
     if found:
         raise ConfigError(f"output directory {out} already holds a run ({', '.join(found)}); pass --resume {out} "
                           f"to continue it, or another --out (nothing was changed)")
+
+
+def check_before_writing(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
+    """What every engine checks before it writes anything: the output path, no earlier run in it
+    (or, resuming, a run to resume) and the environment (the task's packages, the device)."""
+    check_output_path(out)
+    if resume:
+        check_resume(cfg, out)
+    else:
+        check_no_earlier_run(out)
+    check_environment(cfg)
 
 
 @contextlib.contextmanager

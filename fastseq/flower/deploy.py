@@ -353,15 +353,9 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
     if superlink is None:
         # This machine runs the ServerApp and every SuperNode: what the embedded engine checks
         # before writing anything is checked here too (a remote SuperLink checks it itself).
-        from ..fed.engine import check_no_earlier_run, check_output_path, check_resume
-        from ..fed.experiment import check_environment
+        from ..fed.engine import check_before_writing
 
-        check_output_path(out)
-        if resume:
-            check_resume(cfg, out)
-        else:
-            check_no_earlier_run(out)
-        check_environment(cfg)
+        check_before_writing(cfg, out, resume)
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
     flower_keys: dict[str, Any] = {"resume": bool(resume)}

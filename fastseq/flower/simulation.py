@@ -151,8 +151,8 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
     arguments (see :func:`ray_init_args`). Outputs land in ``cfg.out`` exactly as with the
     local engine (client state in ``out/clients``)."""
     from ..config import ConfigError
-    from ..fed.engine import check_no_earlier_run, check_output_path, check_resume
-    from ..fed.experiment import check_environment, default_out
+    from ..fed.engine import check_before_writing
+    from ..fed.experiment import default_out
 
     for module in ("flwr", "ray"):
         if importlib.util.find_spec(module) is None:
@@ -164,13 +164,7 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
         cfg.out = default_out(cfg)
     cfg.out = os.path.abspath(cfg.out)
     out = Path(cfg.out)
-    # What the local engine checks before writing anything is checked before Ray starts.
-    check_output_path(out)
-    if resume:
-        check_resume(cfg, out)
-    else:
-        check_no_earlier_run(out)
-    check_environment(cfg)
+    check_before_writing(cfg, out, resume)  # as the local engine does, before Ray starts
     init_args = ray_init_args(cfg, ray_init_args_overrides)
     check_resources(cfg, init_args)
 
