@@ -125,7 +125,7 @@ def test_secagg_on_a_loopback_deployment_equals_the_unmasked_run(tmp_path):
     from fastseq.fed.engine import run_experiment
     from fastseq.flower import run_flower
 
-    plain = run_experiment(_cfg(tmp_path / "plain"), echo=lambda s: None)
+    run_experiment(_cfg(tmp_path / "plain"), echo=lambda s: None)
     sec = run_flower(_cfg(tmp_path / "secagg", engine="flower", secagg=True, secagg_clip_range=1.0),
                      timeout=360, echo=lambda s: None)
     assert sec["flower_status"] == "finished:completed"
