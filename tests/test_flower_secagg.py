@@ -161,3 +161,28 @@ def test_secagg_on_a_loopback_deployment_equals_the_unmasked_run(tmp_path):
             torch.testing.assert_close(y[k], x[k], rtol=0, atol=atol)
         if rnd == 1:  # the values went through SecAgg+'s quantization, not around it
             assert any(not torch.equal(y[k], x[k]) for k in glob)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_secagg_on_flower_sim_equals_the_unmasked_run(tmp_path):
+    """The same ServerApp/ClientApp on Flower's Simulation Engine (Ray actors): SecAgg+ runs
+    there too, and round 1 is the unmasked round up to one quantization step."""
+    pytest.importorskip("ray")
+    from safetensors.torch import load_file
+
+    from fastseq import engines
+    from fastseq.fed.engine import run_experiment
+
+    run_experiment(_cfg(tmp_path / "plain", rounds=1), echo=lambda s: None)
+    sim = engines.run(_cfg(tmp_path / "sim", rounds=1, engine="flower-sim", secagg=True, secagg_clip_range=1.0),
+                      echo=lambda s: None)
+    assert sim["engine"] == "flower-sim"
+    rec = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["clients"] == ["0", "1", "2"] and rec["secure_aggregation"]["shares"] == 3 and not rec["skipped"]
+    x = load_file(tmp_path / "plain" / "checkpoints" / "round_1" / "server.safetensors")
+    y = load_file(tmp_path / "sim" / "checkpoints" / "round_1" / "server.safetensors")
+    glob = [k for k in x if k.startswith("global/")]
+    assert glob and set(x) == set(y)
+    for k in glob:
+        torch.testing.assert_close(y[k], x[k], rtol=0, atol=2 * 1.0 / 2**22)
