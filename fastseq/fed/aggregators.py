@@ -70,9 +70,16 @@ def get_combiner(aggregator: str, trim_fraction: float = 0.2) -> Combiner:
     raise ValueError(f"unknown aggregator {aggregator!r}; valid: {', '.join(AGGREGATORS)}")
 
 
-def clip_update(tensors: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
-    """``tensors`` scaled to L2 norm (over all of them) at most ``bound``; also the norm before."""
-    norm = math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors.values()))
+def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The L2 norm over all of ``tensors`` (a client's delta)."""
+    return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors.values()))
+
+
+def clip_update(tensors: dict[str, torch.Tensor], bound: float,
+                norm: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """``tensors`` scaled to L2 norm (over all of them) at most ``bound``; also the norm before
+    (``norm``, when the caller has it already)."""
+    norm = l2_norm(tensors) if norm is None else norm
     if norm <= bound:
         return tensors, norm
     f = bound / norm

@@ -87,10 +87,6 @@ def adaptive_noise_error(z: float, sb: float, m: int) -> str:
             "or more, or lower --dp-noise")
 
 
-def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors.values()))
-
-
 def gaussian_like(tensors: dict[str, torch.Tensor], std: float, seed: int) -> dict[str, torch.Tensor]:
     """Seeded ``N(0, std^2)`` noise shaped like ``tensors`` (drawn on the CPU in name order, so
     the same seed gives the same noise on every device and after a resume)."""

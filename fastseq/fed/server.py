@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..comm import ByteCounter, DownlinkState, Expected, PayloadError, decode
-from .aggregators import clip_update, get_combiner
+from .aggregators import clip_update, get_combiner, l2_norm
 from .client import derive_seed
 from .methods import Method
-from .privacy import CentralDP, DPConfig, epsilon_central, epsilon_local, l2_norm
+from .privacy import CentralDP, DPConfig, epsilon_central, epsilon_local
 from .server_opt import ServerOptimizer
 from .state_store import KnownStore
 
@@ -198,13 +198,15 @@ class Server:
                 continue
             self.bytes.record(upd)
             tensors = {n: upd.tensors[n] for n in self.shared}
-            norms[cid] = l2_norm(tensors)  # of the delta as sent (a guide to --dp-clip / --norm-bound)
+            # the norm of the delta as sent (a guide to --dp-clip / --norm-bound), computed once
+            norm = norms[cid] = l2_norm(tensors)
             if self.cfg.aggregator == "norm-clip":
-                tensors, norm = clip_update(tensors, self.cfg.norm_bound)
+                tensors, _ = clip_update(tensors, self.cfg.norm_bound, norm)
                 if norm > self.cfg.norm_bound:
                     clipped.append(cid)
+                norm = min(norm, self.cfg.norm_bound)
             if dp_clip is not None:
-                tensors, norm = clip_update(tensors, dp_clip)
+                tensors, _ = clip_update(tensors, dp_clip, norm)
                 if norm > dp_clip:
                     clipped.append(cid)
             states.append({n: known[n].float() + tensors[n].float() for n in self.shared})

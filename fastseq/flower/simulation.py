@@ -24,28 +24,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import to_run_config
+from .deploy import flower_env
 
 # The object store carries messages (encoded deltas) and Contexts, never a model.
 DEFAULT_OBJECT_STORE_BYTES = 200 * 1024**2
 
 
-def _env_for_flower() -> dict[str, str]:
-    # Flower's telemetry and update check are on by default; Ray's usage stats likewise.
-    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_DISABLE_IMPORT_WARNING": "1"}
-
-
 @contextlib.contextmanager
-def _patched_environ(values: dict[str, str]) -> Iterator[None]:
-    """Set ``values`` unless the user set them, and restore the whole ``os.environ`` after
-    (Flower's Ray backend rewrites PYTHONPATH to this process's sys.path)."""
+def _flower_environ() -> Iterator[None]:
+    """``os.environ`` as :func:`.deploy.flower_env` gives a Flower process (telemetry and update
+    check off, no torch.distributed rendezvous variables: Ray workers inherit this environment)
+    plus Ray's usage stats off, for the body; the whole environment is restored after (Flower's
+    Ray backend rewrites PYTHONPATH to this process's sys.path)."""
     saved = dict(os.environ)
-    for k, v in values.items():
-        os.environ.setdefault(k, v)
-    # torch.distributed rendezvous variables belong to one process (e.g. this one after a
-    # DeepSpeed client ran here); Ray workers inherit this environment.
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
+    env = flower_env()
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    os.environ.clear()
+    os.environ.update(env)
     try:
         yield
     finally:
@@ -184,7 +180,7 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
     watch = _ChildProcesses() if importlib.util.find_spec("psutil") else contextlib.nullcontext()
     t0 = time.time()
     try:
-        with _patched_environ(_env_for_flower()), watch:
+        with _flower_environ(), watch:
             try:
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
                                backend_config=backend_config(cfg, init_args), verbose_logging=False)
