@@ -159,14 +159,20 @@ def check_no_earlier_run(out: Path) -> None:
                           f"to continue it, or another --out (nothing was changed)")
 
 
-def check_before_writing(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
-    """What every engine checks before it writes anything: the output path, no earlier run in it
-    (or, resuming, a run to resume) and the environment (the task's packages, the device)."""
+def check_run_directory(cfg: ExperimentConfig, out: Path, resume: bool) -> Path | None:
+    """The output path, and no earlier run in it or (resuming) a run to resume: the checkpoint
+    to resume from, None for a new run."""
     check_output_path(out)
     if resume:
-        check_resume(cfg, out)
-    else:
-        check_no_earlier_run(out)
+        return check_resume(cfg, out)
+    check_no_earlier_run(out)
+    return None
+
+
+def check_before_writing(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
+    """What every engine checks before it writes anything: the run directory and the environment
+    (the task's packages, the device). The local engine's ``build_runtime`` checks the latter."""
+    check_run_directory(cfg, out, resume)
     check_environment(cfg)
 
 
@@ -247,10 +253,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
-    check_output_path(out)
-    if not resume:
-        check_no_earlier_run(out)
-    ckpt = check_resume(cfg, out) if resume else None
+    ckpt = check_run_directory(cfg, out, resume)
     with library_progress_bars(show_progress(cfg)):
         # Everything that can fail on the user's input fails here, before any file is written.
         rt = build_runtime(cfg, echo=echo)
