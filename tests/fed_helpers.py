@@ -14,6 +14,16 @@ def tiny_config(tmp_path, name="run", **kw) -> ExperimentConfig:
     return ExperimentConfig.from_dict(base)
 
 
+def flower_config(out, **kw) -> ExperimentConfig:
+    """tiny-bert on the synthetic task, 2 rounds of 3 steps: the Flower engines' tests (each
+    file passes its own clients / clients_per_round)."""
+    base = dict(model="tiny-bert", task="synthetic", rounds=2, local_steps=3, batch_size=8, max_examples=64,
+                eval_examples=32, min_client_size=4, partition="iid", seed=0,
+                out=None if out is None else str(out), progress=False)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
 def history(out) -> list[dict]:
     with open(f"{out}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]

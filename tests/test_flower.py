@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fed_helpers import assert_same_run  # noqa: E402
+from fed_helpers import assert_same_run, flower_config  # noqa: E402
 
 from fastseq.fed.engine import run_experiment  # noqa: E402
 from fastseq.fed.experiment import ExperimentConfig  # noqa: E402
@@ -21,11 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _cfg(out, **kw):
     # 2 clients, one sampled per round: with seed 0 round 1 samples client 1 and round 2
     # client 0, so both SuperNodes train (one ClientApp process per message keeps this < 90 s).
-    base = dict(model="tiny-bert", task="synthetic", clients=2, clients_per_round=1, rounds=2, local_steps=3,
-                batch_size=8, max_examples=64, eval_examples=32, min_client_size=4, partition="iid", seed=0,
-                out=str(out), progress=False)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return flower_config(out, **{"clients": 2, "clients_per_round": 1, **kw})
 
 
 def test_run_config_round_trip():

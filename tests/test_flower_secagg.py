@@ -6,21 +6,17 @@ import pytest
 import torch
 
 from fastseq.config import ConfigError
-from fastseq.fed.experiment import ExperimentConfig, build_runtime, build_server
+from fastseq.fed.experiment import build_runtime, build_server
 from fastseq.fed.server import SecureSum
 
-from fed_helpers import tiny_config
+from fed_helpers import flower_config, tiny_config
 
 pytest.importorskip("flwr")
 
 
 def _cfg(out=None, **kw):
     # 3 clients, all sampled: SecAgg+ needs 3 or more (with 2 each learns the other's delta)
-    base = dict(model="tiny-bert", task="synthetic", clients=3, clients_per_round=3, rounds=2, local_steps=3,
-                batch_size=8, max_examples=96, eval_examples=32, min_client_size=4, partition="iid", seed=0,
-                out=None if out is None else str(out), progress=False)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return flower_config(out, **{"clients": 3, "clients_per_round": 3, "max_examples": 96, **kw})
 
 
 @pytest.mark.parametrize("kw, words", [

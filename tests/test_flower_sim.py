@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_helpers import assert_same_run, history
+from fed_helpers import assert_same_run, flower_config, history
 
 import fastseq.engines as engines
 from fastseq.config import ConfigError
@@ -21,11 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(out, **kw):
     # 3 virtual clients, 2 per round: with seed 0 every client trains in one of the 2 rounds.
-    base = dict(model="tiny-bert", task="synthetic", clients=3, clients_per_round=2, rounds=2, local_steps=3,
-                batch_size=8, max_examples=64, eval_examples=32, min_client_size=4, partition="iid", seed=0,
-                out=str(out), progress=False)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return flower_config(out, **{"clients": 3, "clients_per_round": 2, **kw})
 
 
 def _ray_processes_since(t0: float) -> list[str]:
