@@ -11,7 +11,9 @@ every other arm's rank is the one whose trainable count is closest to it):
 
 Every run holds out ``validation_fraction`` of each client's training data; its validation
 score is the mean of ``val_<metric>`` over its last 3 rounds. Stages (each resumable: a run
-whose directory has a ``summary.json`` with the same config is reused):
+whose directory has a ``summary.json`` with the same config is reused, an interrupted one
+continues from its last checkpoint, and a finished shorter run of the same config is copied and
+trained further when ``--rounds`` grows):
 
 1. ``head``: one learning rate for the task head, shared by every arm. The head arms (default
    ``scl`` and ``ffa-lora``) run each head lr x each of a few adapter lrs on the selection seed
@@ -221,12 +223,49 @@ def make_spec(p: dict, shape, stage: str, arm: str, alpha, seed: int, lr: float,
     return Spec(stage, arm, alpha, seed, lr, head_lr, cfg, tag, variant)
 
 
-def _finished(spec: Spec) -> bool:
-    out = Path(spec.cfg["out"])
-    if not (out / "summary.json").is_file() or not (out / "config.json").is_file():
+def _same_config(out: Path, cfg: dict, ignore: tuple[str, ...] = ()) -> bool:
+    if not (out / "config.json").is_file():
         return False
     old = json.loads((out / "config.json").read_text())
-    return all(old.get(k) == v for k, v in spec.cfg.items())
+    return all(old.get(k) == v for k, v in cfg.items() if k not in ignore)
+
+
+def _finished(spec: Spec) -> bool:
+    out = Path(spec.cfg["out"])
+    return (out / "summary.json").is_file() and _same_config(out, spec.cfg)
+
+
+def _resumable(spec: Spec) -> bool:
+    """An interrupted run of this spec (the library's resume rule: the same config, a complete
+    checkpoint): continued from that round, not started again (resume is bit-exact)."""
+    from fastseq.config import ConfigError
+    from fastseq.fed.engine import check_resume
+    from fastseq.fed.experiment import ExperimentConfig
+
+    out = Path(spec.cfg["out"])
+    if not (out / "config.json").is_file():
+        return False
+    try:
+        check_resume(ExperimentConfig.from_dict(dict(spec.cfg)), out)
+    except ConfigError:
+        return False
+    return True
+
+
+def _shorter_run(spec: Spec) -> Path | None:
+    """A finished run of this spec's config with fewer rounds (its directory differs only in
+    ``_R<rounds>``): the longest one, to be trained further instead of from the start. Training
+    a finished run further equals a run of the longer length (tests/test_fed_engine.py), except
+    that its rows at the shorter run's last rounds also carry test scores."""
+    out, rounds = Path(spec.cfg["out"]), spec.cfg["rounds"]
+    pattern = re.compile(re.escape(spec.tag).replace(f"_R{rounds}", r"_R(\d+)", 1) + "$")
+    found = []
+    for d in out.parent.glob("*") if out.parent.is_dir() else []:
+        m = pattern.fullmatch(d.name)
+        if (m and int(m.group(1)) < rounds and (d / "summary.json").is_file()
+                and _same_config(d, spec.cfg, ignore=("rounds", "out"))):
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
 
 
 def _load(spec: Spec) -> Run:
@@ -237,14 +276,14 @@ def _load(spec: Spec) -> Run:
     return Run(spec, hist, info, summary.get("seconds"))
 
 
-def _run_here(spec: Spec) -> None:
+def _run_here(spec: Spec, resume: bool) -> None:
     from fastseq.engines import run
     from fastseq.fed.experiment import ExperimentConfig
 
-    run(ExperimentConfig.from_dict(dict(spec.cfg)), echo=lambda *_: None)
+    run(ExperimentConfig.from_dict(dict(spec.cfg)), resume=resume, echo=lambda *_: None)
 
 
-def _run_subprocess(spec: Spec, threads: int) -> None:
+def _run_subprocess(spec: Spec, threads: int, resume: bool) -> None:
     """``fastseq run --config <json>`` with ``threads`` torch threads (2 runs sharing 2 cores with
     2 threads each ran ~6x slower than with 1 each)."""
     out = Path(spec.cfg["out"])
@@ -254,7 +293,8 @@ def _run_subprocess(spec: Spec, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log = out.parent / f".{spec.tag}.log"
     with open(log, "w") as fh:
-        rc = subprocess.run([sys.executable, "-m", "fastseq.cli", "run", "--config", str(conf)], env=env,
+        cmd = [sys.executable, "-m", "fastseq.cli", "run", "--config", str(conf)] + (["--resume", str(out)] if resume else [])
+        rc = subprocess.run(cmd, env=env,
                             stdout=fh, stderr=subprocess.STDOUT)
     if rc.returncode != 0:
         raise RuntimeError(f"fastseq run exited {rc.returncode}; log: {log}")
@@ -277,11 +317,18 @@ def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
         def one(spec: Spec):
             t0 = time.time()
             out = Path(spec.cfg["out"])
-            if out.exists():  # the study's own interrupted run, or one of an older config: replaced
-                tqdm.write(f"  replacing {out} (unfinished or another config)")
+            resume = _resumable(spec)
+            if resume:
+                tqdm.write(f"  resuming {out}")
+            elif out.exists():  # a run of an older config, or interrupted before its first checkpoint
+                tqdm.write(f"  replacing {out} (another config, or no complete round)")
                 shutil.rmtree(out)
+            elif (shorter := _shorter_run(spec)) is not None:  # the same run, shorter: trained further
+                tqdm.write(f"  extending a copy of {shorter} to {spec.cfg['rounds']} rounds")
+                shutil.copytree(shorter, out)
+                resume = True
             try:
-                _run_here(spec) if jobs == 1 else _run_subprocess(spec, threads)
+                _run_here(spec, resume) if jobs == 1 else _run_subprocess(spec, threads, resume)
             except Exception as e:  # keep the study going; the report lists the failure
                 errors[spec.tag] = f"{type(e).__name__}: {e}"
             bar.set_postfix_str(f"{spec.tag} {time.time() - t0:.0f}s")

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,6 +119,42 @@ def test_accuracy_study_smoke_end_to_end_and_bytes_to_target(tmp_path):
     assert len(doc["meta"]["not_run"]) == 2 * 2 and all("_s3_" in t for t in doc["meta"]["not_run"])
     assert doc["meta"]["failed"] == [] and all(r["n"] == 2 for r in doc["rows"] if r["variant"] == "main")
     assert "**Not run yet** (4 runs" in Path(f"{stem}.md").read_text()
+
+
+def test_accuracy_study_extends_shorter_runs_and_resumes_interrupted_ones(tmp_path, capsys):
+    """More --rounds train a copy of the finished shorter run further (the shorter one is kept);
+    an interrupted run continues from its last checkpoint. Both end where a fresh run ends."""
+    pytest.importorskip("fastseq.fed.engine")
+    from safetensors.torch import load_file
+
+    st = _load("scripts/accuracy_study.py")
+    base = ["--smoke", "--arms", "scl-frozenC", "--finalists-from-arms", "--head-lr", "1e-2", "--lrs", "1e-2",
+            "--alphas", "0.5", "--seeds", "1", "--until", "final", "--out-dir", str(tmp_path)]
+    runs, fresh = tmp_path / "runs", tmp_path / "fresh"
+    st.main(base + ["--rounds", "2", "--runs-dir", str(runs)])
+    st.main(base + ["--rounds", "4", "--runs-dir", str(runs)])
+    assert "extending a copy of" in capsys.readouterr().out
+    st.main(base + ["--rounds", "4", "--runs-dir", str(fresh)])
+    (short,) = runs.glob("*_R2")
+    (extended,) = runs.glob("*_R4")
+    (ref,) = fresh.glob("*_R4")
+    assert (short / "summary.json").is_file() and json.loads((short / "config.json").read_text())["rounds"] == 2
+
+    def same_run(a, b):
+        wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
+        assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+        ha, hb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+        assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+        assert [h["val_accuracy"] for h in ha] == [h["val_accuracy"] for h in hb]
+
+    same_run(extended, ref)
+    # interrupted after round 3: the last checkpoint and the summary are gone
+    shutil.rmtree(extended / "checkpoints" / "round_4")
+    (extended / "summary.json").unlink()
+    st.main(base + ["--rounds", "4", "--runs-dir", str(runs)])
+    assert "resuming" in capsys.readouterr().out
+    assert (extended / "summary.json").is_file()
+    same_run(extended, ref)
 
 
 def _fake_run(st, arm, lr, alpha, val, test, head_lr=None, seed=0):

@@ -71,6 +71,25 @@ def test_resume_is_bit_exact(tmp_path, method):
     assert [h["uplink_bytes"] for h in ha] == [h["uplink_bytes"] for h in hb]
 
 
+def test_a_finished_run_trained_further_equals_a_longer_run(tmp_path):
+    """``--resume DIR --rounds N`` on a finished run continues it: the result is the run that was
+    asked for N rounds from the start (the accuracy study extends its runs this way)."""
+    kw = dict(method="scl", codec="int8", error_feedback=True, server_opt="fedadam")
+    longer = _cfg(tmp_path, "longer", rounds=4, **kw)
+    run_experiment(longer, echo=lambda s: None)
+    run_experiment(_cfg(tmp_path, "shorter", rounds=2, **kw), echo=lambda s: None)
+    extended = _cfg(tmp_path, "shorter", rounds=4, **kw)
+    run_experiment(extended, resume=True, echo=lambda s: None)
+    name = "adapter_model.safetensors"
+    a, b = load_file(f"{longer.out}/adapter/{name}"), load_file(f"{extended.out}/adapter/{name}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = _history(longer.out), _history(extended.out)
+    assert [h["round"] for h in hb] == [0, 1, 2, 3, 4]
+    for key in ("train_loss", "accuracy", "uplink_bytes", "clients"):
+        assert [h[key] for h in ha] == [h[key] for h in hb], key
+    assert json.loads((tmp_path / "shorter" / "config.json").read_text())["rounds"] == 4
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot resume: .* does not exist"):
         run_experiment(_cfg(tmp_path, "empty"), resume=True, echo=lambda s: None)
