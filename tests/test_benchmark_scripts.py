@@ -183,6 +183,18 @@ def test_accuracy_study_chooses_on_validation_only():
     assert st.test_scores(runs[0], "accuracy") == dict(last3=pytest.approx(0.1), best=0.1, final=0.1)
 
 
+def test_accuracy_study_best_round_reads_only_the_runs_own_test_schedule():
+    """An extended run also carries test scores at its shorter run's last rounds (here 9): "best"
+    skips them, as the run asked for 20 rounds from the start would not have them."""
+    st = _load("scripts/accuracy_study.py")
+    spec = st.Spec("final", "scl", 0.5, 1, 1e-2, None, dict(rounds=20, test_every=5), "t")
+    hist = [dict(round=r, accuracy=0.5 + 0.01 * r) for r in (0, 5, 10, 15, 18, 19, 20)]
+    hist.insert(2, dict(round=9, accuracy=0.99))
+    assert st.test_scores(st.Run(spec, hist), "accuracy")["best"] == pytest.approx(0.70)
+    spec.cfg.clear()  # no schedule known: every tested round counts
+    assert st.test_scores(st.Run(spec, hist), "accuracy")["best"] == 0.99
+
+
 def test_accuracy_study_t_interval():
     st = _load("scripts/accuracy_study.py")
     m, lo, hi = st.t_interval([0.01, 0.03, 0.02, 0.04, 0.00])
