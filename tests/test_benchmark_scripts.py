@@ -151,7 +151,7 @@ def test_accuracy_study_extends_shorter_runs_and_resumes_interrupted_ones(tmp_pa
     # interrupted after round 3: the last checkpoint and the summary are gone
     shutil.rmtree(extended / "checkpoints" / "round_4")
     (extended / "summary.json").unlink()
-    st.main(base + ["--rounds", "4", "--runs-dir", str(runs)])
+    st.main(base + ["--rounds", "4", "--runs-dir", str(runs), "--jobs", "2"])  # `fastseq run --resume` in a subprocess
     assert "resuming" in capsys.readouterr().out
     assert (extended / "summary.json").is_file()
     same_run(extended, ref)
