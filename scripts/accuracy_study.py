@@ -323,11 +323,14 @@ def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
             elif out.exists():  # a run of an older config, or interrupted before its first checkpoint
                 tqdm.write(f"  replacing {out} (another config, or no complete round)")
                 shutil.rmtree(out)
-            elif (shorter := _shorter_run(spec)) is not None:  # the same run, shorter: trained further
-                tqdm.write(f"  extending a copy of {shorter} to {spec.cfg['rounds']} rounds")
-                shutil.copytree(shorter, out)
-                resume = True
             try:
+                if not resume and (shorter := _shorter_run(spec)) is not None:  # the same run, shorter
+                    tqdm.write(f"  extending a copy of {shorter} to {spec.cfg['rounds']} rounds")
+                    partial = out.with_name(f".{out.name}.copying")  # renamed only once complete
+                    shutil.rmtree(partial, ignore_errors=True)
+                    shutil.copytree(shorter, partial)
+                    partial.rename(out)
+                    resume = True
                 _run_here(spec, resume) if jobs == 1 else _run_subprocess(spec, threads, resume)
             except Exception as e:  # keep the study going; the report lists the failure
                 errors[spec.tag] = f"{type(e).__name__}: {e}"
