@@ -232,7 +232,10 @@ def _same_config(out: Path, cfg: dict, ignore: tuple[str, ...] = ()) -> bool:
 
 def _finished(spec: Spec) -> bool:
     out = Path(spec.cfg["out"])
-    return (out / "summary.json").is_file() and _same_config(out, spec.cfg)
+    if not (out / "summary.json").is_file() or not _same_config(out, spec.cfg):
+        return False
+    rounds = json.loads((out / "summary.json").read_text()).get("rounds")
+    return rounds in (None, spec.cfg["rounds"])  # not the summary of a shorter run being trained further
 
 
 def _resumable(spec: Spec) -> bool:
@@ -328,7 +331,7 @@ def execute(specs: list[Spec], jobs: int, desc: str) -> list[Run]:
                     tqdm.write(f"  extending a copy of {shorter} to {spec.cfg['rounds']} rounds")
                     partial = out.with_name(f".{out.name}.copying")  # renamed only once complete
                     shutil.rmtree(partial, ignore_errors=True)
-                    shutil.copytree(shorter, partial)
+                    shutil.copytree(shorter, partial, ignore=shutil.ignore_patterns("summary.json"))
                     partial.rename(out)
                     resume = True
                 _run_here(spec, resume) if jobs == 1 else _run_subprocess(spec, threads, resume)

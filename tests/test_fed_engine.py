@@ -47,9 +47,12 @@ def test_method_runs_and_learns(tmp_path, method):
 
 
 class Crash(Hooks):
+    def __init__(self, after: int = 1):
+        self.after = after
+
     def on_round_end(self, round, record):
-        if round == 1:
-            raise KeyboardInterrupt("simulated kill after round 1")
+        if round == self.after:
+            raise KeyboardInterrupt(f"simulated kill after round {round}")
 
 
 @pytest.mark.parametrize("method", ["scl", "fedsa-lora"])
@@ -79,7 +82,11 @@ def test_a_finished_run_trained_further_equals_a_longer_run(tmp_path):
     run_experiment(longer, echo=lambda s: None)
     run_experiment(_cfg(tmp_path, "shorter", rounds=2, **kw), echo=lambda s: None)
     extended = _cfg(tmp_path, "shorter", rounds=4, **kw)
+    with pytest.raises(KeyboardInterrupt):  # killed after round 3: no summary says the run finished
+        run_experiment(extended, resume=True, hooks=Crash(after=3), echo=lambda s: None)
+    assert not (tmp_path / "shorter" / "summary.json").exists()
     run_experiment(extended, resume=True, echo=lambda s: None)
+    assert json.loads((tmp_path / "shorter" / "summary.json").read_text())["rounds"] == 4
     name = "adapter_model.safetensors"
     a, b = load_file(f"{longer.out}/adapter/{name}"), load_file(f"{extended.out}/adapter/{name}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -310,6 +310,8 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     progress = show_progress(cfg)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
                                             "resolved_model": resolve_model_source(cfg.model)})
+    if ckpt is not None:  # a finished run trained further is unfinished until finish() writes its summary again
+        (out / "summary.json").unlink(missing_ok=True)
     server = build_server(cfg, rt, logger=echo, state_dir=out / "server")
     if isinstance(server.down.known, KnownStore):
         server.down.known.fsync_each = False  # flushed with the round's other state files
