@@ -400,10 +400,11 @@ def test_scores(run: Run, metric: str) -> dict:
     """Reported, never used to choose: last-3 mean, best round and final round of the test metric.
     "Best" reads only the rounds the run's own schedule tests (an extended run also carries test
     scores at its shorter run's last rounds)."""
-    every, rounds = run.spec.cfg.get("test_every"), run.spec.cfg.get("rounds")
-    on_schedule = (lambda r: True) if not (every and rounds) else (lambda r: r % every == 0 or r > rounds - 3)
-    tested = [(h["round"], h[metric]) for h in run.history
-              if h["round"] > 0 and on_schedule(h["round"]) and isinstance(h.get(metric), (int, float))]
+    from fastseq.fed.experiment import ExperimentConfig, is_test_round
+
+    cfg = ExperimentConfig.from_dict(dict(run.spec.cfg)) if run.spec.cfg else None  # None: every tested round
+    tested = [(h["round"], h[metric]) for h in run.history if h["round"] > 0 and isinstance(h.get(metric), (int, float))
+              and (cfg is None or is_test_round(cfg, h["round"]))]
     pick = max if metric in HIGHER_IS_BETTER else min
     return dict(last3=_mean_last(run.history, metric), best=pick(v for _, v in tested) if tested else None,
                 final=run.history[-1].get(metric) if run.history else None)

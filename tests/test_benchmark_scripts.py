@@ -124,7 +124,6 @@ def test_accuracy_study_smoke_end_to_end_and_bytes_to_target(tmp_path):
 def test_accuracy_study_extends_shorter_runs_and_resumes_interrupted_ones(tmp_path, capsys):
     """More --rounds train a copy of the finished shorter run further (the shorter one is kept);
     an interrupted run continues from its last checkpoint. Both end where a fresh run ends."""
-    pytest.importorskip("fastseq.fed.engine")
     from safetensors.torch import load_file
 
     st = _load("scripts/accuracy_study.py")
