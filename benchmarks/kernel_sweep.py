@@ -45,8 +45,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# Only benchmarks/ goes on sys.path: fastseq.kernels exists only in an installed fastseq
-# (pip install -e .), and the repo root there would let `kernels/` shadow the PyPI package of that name.
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 

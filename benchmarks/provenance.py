@@ -2,7 +2,7 @@
 
 Every result file of ``benchmarks/`` and ``scripts/`` carries :func:`provenance`: the device and
 its name, the versions of the libraries that shape the numbers, and the commit, marked
-``+dirty`` when the measured code (``fastseq/``, ``kernels/``, ``benchmarks/``, ``scripts/``) had
+``+dirty`` when the measured code (``fastseq/``, ``benchmarks/``, ``scripts/``) had
 uncommitted changes. :func:`write_results` writes one table as ``<stem>.csv`` and ``<stem>.json``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURED_CODE = ("fastseq", "kernels", "benchmarks", "scripts")
+MEASURED_CODE = ("fastseq", "benchmarks", "scripts")
 VERSIONED = ("transformers", "peft", "triton", "bitsandbytes", "flwr")
 
 

@@ -75,7 +75,7 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "benchmarks") not in sys.path:  # only benchmarks/: the root would let kernels/ shadow a PyPI package
+if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 from provenance import provenance, write_results  # noqa: E402
 

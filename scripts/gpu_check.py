@@ -4,7 +4,7 @@
     python scripts/gpu_check.py --dry-run --out DIR   # CPU rehearsal: tiny shapes, the Triton interpreter
 
 Runs from a source checkout without installing fastseq (the checkout goes first on
-``sys.path``; ``fastseq.kernels`` maps to ``kernels/``). Steps, in this order, each in a process
+``sys.path``). Steps, in this order, each in a process
 of its own with a time budget, so that a failure, a timeout or a crashed CUDA context is
 recorded and the next step still runs:
 
@@ -138,7 +138,7 @@ def step_env(st: Step) -> None:
     st.result["modules"] = mods
     import fastseq.kernels
 
-    st.result["fastseq_from"] = str(Path(fastseq.kernels.__file__).resolve().parent.parent)  # this checkout?
+    st.result["fastseq_from"] = str(Path(fastseq.kernels.__file__).resolve().parents[2])  # this checkout?
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         st.result["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,

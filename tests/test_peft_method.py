@@ -74,13 +74,27 @@ def test_training_changes_only_scl_and_save_load_round_trips(arch, placement, tr
     assert fastseq.count_parameters(trainable).trainable == fastseq.count_parameters(model).trainable
 
 
+# The fused path (levels 1, 2) computes the FFN's activation with torch's own function; GPT-2's
+# `gelu_new` is a hand-written tanh formula, equal to torch's gelu(tanh) only up to ~1.2e-7.
+FUSED_NOT_BIT_EXACT = {"gpt2"}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_every_registered_architecture_is_the_base_at_init_at_level_0(arch):
+    base = copy.deepcopy(build(arch)).requires_grad_(False)
+    config = fastseq.SCLPeftConfig(r=4, checkpoint_level=0, modules_to_save=list(HEADS.get(arch, ())) or None)
+    model = peft.get_peft_model(build(arch), config)
+    torch.testing.assert_close(logits(arch, model), logits(arch, base), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_every_registered_architecture_round_trips(arch, tmp_path):
     model = build(arch)
     base = copy.deepcopy(model).requires_grad_(False)
     config = fastseq.SCLPeftConfig(r=4, backend="torch", modules_to_save=list(HEADS.get(arch, ())) or None)
     model = peft.get_peft_model(model, config)  # the default variant, on the fused path (level 1)
-    torch.testing.assert_close(logits(arch, model), logits(arch, base), rtol=0, atol=0)
+    exact = 0 if arch not in FUSED_NOT_BIT_EXACT else 1e-6
+    torch.testing.assert_close(logits(arch, model), logits(arch, base), rtol=0, atol=exact)
     train_steps(model, arch, steps=1)
     model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(build(arch), tmp_path)
