@@ -3,6 +3,7 @@
 Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
 budgets, resume targets) as one line on stderr that names the problem and the fix, with exit
 code 2; an unexpected exception keeps its traceback and says it is a bug to report (exit 1).
+A run that finished without aggregating any client update exits 4 with the clients' reasons.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 USAGE_EXIT = 2      # a user error: the message says what to change
 BUG_EXIT = 1        # an unexpected exception: a bug in fastseq
+NOTHING_TRAINED_EXIT = 4  # `fastseq run`: no round aggregated a client update (the reasons are printed)
 INTERRUPT_EXIT = 130
 
 
@@ -333,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPT_EXIT
     except Exception as e:
+        from .fed.engine import NothingTrained
+
+        if isinstance(e, NothingTrained):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return NOTHING_TRAINED_EXIT
         if isinstance(e, user_errors()):
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return USAGE_EXIT

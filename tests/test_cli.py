@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 
 import fastseq.flower
 from fastseq.cli import build_parser, main
@@ -60,13 +61,48 @@ def test_cli_errors(tmp_path, capsys):
 def test_flower_engine_is_dispatched(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(fastseq.flower, "run_flower", 
-                        lambda cfg, resume=False: seen.update(cfg=cfg, resume=resume), raising=False)
+                        lambda cfg, resume=False: seen.update(cfg=cfg, resume=resume) or {}, raising=False)
     assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
                  "--deepspeed", '{"zero_stage": 1}', "--out", str(tmp_path / "f")]) == 0
     assert seen["cfg"].engine == "flower" and seen["cfg"].model == "tiny-llama"
     assert seen["cfg"].deepspeed == {"zero_stage": 1} and seen["resume"] is False
     args = build_parser().parse_args(["run", "--engine", "flower"])
     assert args.engine == "flower"
+
+
+def test_a_run_that_trained_nothing_exits_4_with_the_clients_reasons(tmp_path, monkeypatch, capsys):
+    from fastseq.fed.client import Client
+
+    def fit(self, downlink_blob, round, attack=None):
+        raise RuntimeError(f"CUDA out of memory on client {self.client_id} (simulated)")
+
+    monkeypatch.setattr(Client, "fit", fit)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML)
+    out = tmp_path / "nothing"
+    assert main(["run", "--config", str(cfg), "--rounds", "2", "--out", str(out)]) == 4
+    captured = capsys.readouterr()
+    assert "WARNING round 1: every sampled client was dropped" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "trained nothing" in err[0] and "CUDA out of memory on client" in err[0], err
+    summary = json.loads((out / "summary.json").read_text())  # the run's files are kept, and say so
+    assert summary["aggregated_rounds"] == 0 and summary["failure"]
+
+
+@pytest.mark.parametrize("engine", ["local", "flower", "flower-sim"])
+def test_every_engine_fails_a_run_without_an_aggregated_round(engine, monkeypatch):
+    """engines.run checks the summary every engine writes (run_flower and the simulation read
+    the ServerApp's summary.json, which the embedded round loop wrote)."""
+    import fastseq.engines
+    from fastseq.fed.engine import NothingTrained
+    from fastseq.fed.experiment import ExperimentConfig
+
+    failed = {"out": "runs/x", "rounds": 3, "aggregated_rounds": 0, "failure": ["client 0: ImportError: boom"]}
+    monkeypatch.setattr(fastseq.engines, "_run_engine", lambda cfg, resume, echo, kw: dict(failed))
+    with pytest.raises(NothingTrained, match="no round of 3 aggregated.*client 0: ImportError: boom"):
+        fastseq.engines.run(ExperimentConfig(engine=engine))
+    monkeypatch.setattr(fastseq.engines, "_run_engine", lambda cfg, resume, echo, kw: {**failed, "aggregated_rounds": 1})
+    assert fastseq.engines.run(ExperimentConfig(engine=engine))["aggregated_rounds"] == 1
 
 
 def test_flower_engine_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
