@@ -66,7 +66,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                               "(Wd h + s P sigma(C h))"),
     ("--lora-r", "lora_r", int, "explicit LoRA rank (default: matched to SCL's budget)"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 2*lora_r)"),
-    ("--lr", "lr", float, "client AdamW learning rate"),
+    ("--lr", "lr", float, "client AdamW learning rate (default: the method's own, chosen on validation by the "
+                          "accuracy study: {default_lrs})"),
     ("--head-lr", "head_lr", float, "the task head's learning rate (default 1e-2 for every method; head_lr: null in a config follows --lr)"),
     ("--scl-compress-lr", "scl_compress_lr", float, "SCL C's learning rate (default: --lr)"),
     ("--batch-size", "batch_size", int, "client micro-batch size"),
@@ -140,8 +141,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                        description="Run a federated experiment. With no arguments: MiniLM + SCL on bbc-news.")
     p.add_argument("--config", help="a .toml / .yaml / .json config file (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round")
+    from .fed.methods import default_lrs_text
+
     for flag, key, typ, hlp in RUN_FLAGS:
-        p.add_argument(flag, dest=key, type=typ, default=None, help=hlp)
+        p.add_argument(flag, dest=key, type=typ, default=None, help=hlp.replace("{default_lrs}", default_lrs_text()))
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
                    help='train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' (see docs/deployment.md)')
     p.add_argument("--scl-layers", dest="scl_layers", type=int, nargs="+", default=None, metavar="I",

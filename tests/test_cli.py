@@ -70,6 +70,30 @@ def test_flower_engine_is_dispatched(tmp_path, monkeypatch):
     assert args.engine == "flower"
 
 
+@pytest.mark.parametrize("method,variant,lr", [
+    ("fedavg-lora", [], 1e-3), ("ffa-lora", [], 3e-3), ("fedsa-lora", [], 3e-3), ("fedex-lora", [], 1e-3),
+    ("scl", [], 1e-2), ("scl", ["--scl-train-compress"], 1e-3),
+    ("scl", ["--scl-placement", "residual", "--scl-train-compress"], 3e-3)])
+def test_each_method_defaults_to_its_study_chosen_lr_and_config_json_records_it(tmp_path, method, variant, lr):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML.replace("lr = 1e-2\n", ""))
+    out = tmp_path / "r"
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--method", method, *variant, "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr"] == lr and saved["head_lr"] == 1e-2
+    explicit = tmp_path / "explicit"
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--method", method, *variant, "--lr", "0.02",
+                 "--out", str(explicit)]) == 0
+    assert json.loads((explicit / "config.json").read_text())["lr"] == 0.02  # an explicit --lr wins
+
+
+def test_help_shows_each_methods_default_lr(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "fedavg-lora 0.001" in text and "ffa-lora 0.003" in text and "scl 0.01" in text
+
+
 def test_a_run_that_trained_nothing_exits_4_with_the_clients_reasons(tmp_path, monkeypatch, capsys):
     from fastseq.fed.client import Client
 
