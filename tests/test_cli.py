@@ -149,3 +149,17 @@ def test_topk_flag_is_a_fraction_or_a_count():
         cfg = ExperimentConfig(codec="int8", topk=topk)
         back, _ = from_run_config(to_run_config(cfg))
         assert back.topk == topk and type(back.topk) is type(topk)
+
+
+def test_the_written_out_default_config_is_the_embedded_default():
+    """configs/minilm-bbc-news.yaml says it is `fastseq run` with no arguments: every key it sets
+    has the default's value, and without an `lr` it leaves each method its own."""
+    from pathlib import Path
+
+    from fastseq.fed.experiment import ExperimentConfig, load_config_file
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "minilm-bbc-news.yaml"
+    written = load_config_file(path)
+    default = ExperimentConfig().to_dict()
+    assert {k: v for k, v in written.items()} == {k: default[k] for k in written}
+    assert ExperimentConfig.from_dict({**written, "method": "ffa-lora"}).lr == 3e-3
