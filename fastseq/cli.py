@@ -46,6 +46,18 @@ def _topk(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a fraction in (0, 1] such as 0.1 or a "
                                          f"count such as 1000") from None
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text  # explicit: overrides a config file's number (config value null)
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number of workers >= 1 or auto")
+    return n
+
+
 # flag -> (config key, type, help)
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model: hub id, local folder, all-MiniLM-L6-v2 or a tiny-* model"),
@@ -101,6 +113,9 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                                     "of unclipped updates (default "
                                                                     "clients_per_round/20)"),
     ("--seed", "seed", int, "seed of every RNG"),
+    ("--workers", "workers", _workers, "local engine: worker processes that train a round's clients in parallel on "
+                                       "one shared backbone (default auto: on a CPU one per core, at most the "
+                                       "clients per round; on a GPU 1); see docs/federated.md"),
     ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
                                 "flower-sim (Flower's Simulation Engine, Ray actors)"),
     ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),
@@ -165,7 +180,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed", "scl_layers",
                                               "scl_train_compress", "secagg"]
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if over.get("workers") == "auto":
+        over["workers"] = None
+    return over
 
 
 def cmd_run(args: argparse.Namespace) -> int:

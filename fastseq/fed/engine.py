@@ -28,6 +28,7 @@ from ..models import resolve_model_source
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
 from .rounds import ClientPool, RoundRunner
+from .workers import resolve_workers
 from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
 
@@ -82,7 +83,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus")
+                     "client_gpus", "workers")
 
 
 class NothingTrained(RuntimeError):
@@ -322,7 +323,24 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         return c
 
     clients = ClientPool(build, floor, cfg.clients_per_round + n_eval)
-    runner = RoundRunner(cfg, server, clients, personalized=personalized, progress=progress, echo=echo)
+    # Remote clients (Flower's) train on their own machines; SecAgg+ is theirs too.
+    # A DeepSpeed client owns its devices: one at a time.
+    in_process = (not cfg.secagg and cfg.deepspeed is None
+                  and getattr(type(clients["0"]), "fit_many", None) is None)
+    workers, threads = resolve_workers(cfg.workers, cfg.clients_per_round, rt.device.type) if in_process else (1, 1)
+    if workers > 1:
+        echo(f"workers: {workers} processes share the backbone, {threads} torch thread(s) each")
+    runner = RoundRunner(cfg, server, clients, personalized=personalized, progress=progress, echo=echo,
+                         workers=workers, threads=threads, build=build)
+    try:
+        _rounds_loop(cfg, runner, server, clients, out, ckpt, metrics_path, hooks, echo, progress)
+    finally:
+        runner.close()  # no worker outlives the run, whatever ended it
+    return finish(cfg, rt, server, out, echo)
+
+
+def _rounds_loop(cfg: ExperimentConfig, runner: RoundRunner, server, clients: ClientPool, out: Path,
+                 ckpt: Path | None, metrics_path: Path, hooks: Hooks, echo, progress: bool) -> None:
     if ckpt is not None:
         _write_metrics(metrics_path, server.history)
         echo(f"resumed from {ckpt} (round {server.round})")
@@ -352,8 +370,6 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         _write_metrics(metrics_path, server.history)
         echo(_line(rec))
         hooks.on_round_end(r, rec)
-
-    return finish(cfg, rt, server, out, echo)
 
 
 def _line(rec: dict) -> str:

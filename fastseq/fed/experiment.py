@@ -153,6 +153,9 @@ class ExperimentConfig:
     out: str | None = None
     # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
     progress: bool | None = None
+    # local engine: worker processes that train a round's clients in parallel on one shared
+    # backbone (fastseq.fed.workers); None: auto (CPU: one per core up to clients_per_round; GPU: 1)
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         # lr None is the method's own default, resolved here so that config.json records the lr
@@ -251,6 +254,12 @@ class ExperimentConfig:
         if v is not None and v < 1:
             raise ConfigError(f"personal_eval_clients must be null (all clients up to 20, else a seeded panel of 20) "
                               f"or an integer >= 1 (how many clients' own states are scored each round), got {v!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"workers must be null (auto) or an integer >= 1, got {self.workers!r}")
+        if self.workers is not None and self.workers > 1 and self.deepspeed is not None:
+            raise ConfigError("workers > 1 forks CPU processes; a DeepSpeed client owns its devices: use --workers 1 "
+                              "with --deepspeed")
         for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -644,6 +653,9 @@ def check_environment(cfg: ExperimentConfig):
 
         check_accountant()
     device = resolve_device(cfg.device)
+    if cfg.workers is not None and cfg.workers > 1 and device.type != "cpu" and cfg.engine == "local":
+        raise ConfigError(f"--workers {cfg.workers} runs clients in forked CPU processes and a {device.type} device "
+                          f"cannot be forked; use --workers 1 (or auto) on a GPU, or --device cpu")
     check_model_source(cfg.model)
     if cfg.quantization != "none":
         from ..quant import check_device

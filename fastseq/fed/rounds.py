@@ -68,13 +68,54 @@ class ClientPool:
 
 class RoundRunner:
     """Runs round 0 (the initial evaluation) and rounds 1..R of one run; keeps the running total
-    of the clients' state on disk (``state_bytes``) that every record carries."""
+    of the clients' state on disk (``state_bytes``) that every record carries.
+
+    With ``workers`` > 1 (in-process clients only) the round's fits and personalised evaluations
+    run in a :class:`.workers.WorkerPool` forked from this process; ``build(cid)`` makes a client
+    object there. :meth:`close` ends the pool."""
 
     def __init__(self, cfg, server, clients: ClientPool, *, personalized: bool, progress: bool,
-                 echo: Callable[[str], None], state_bytes: int = 0):
+                 echo: Callable[[str], None], state_bytes: int = 0, workers: int = 1, threads: int = 1,
+                 build: Callable[[str], Any] | None = None):
         self.cfg, self.server, self.clients = cfg, server, clients
         self.personalized, self.progress, self.echo = personalized, progress, echo
         self.state_bytes = state_bytes
+        self.workers, self.threads, self.build = workers, threads, build
+        self._pool = None
+
+    def pool(self):
+        """The worker pool (forked on first use, after the backbone is loaded), or None."""
+        if self.workers <= 1 or self.build is None:
+            return None
+        if self._pool is None:
+            from .workers import WorkerPool
+
+            self._pool = WorkerPool(self.workers, self.threads, self._in_worker)
+        return self._pool
+
+    def _in_worker(self, op: str, cid: str, blob: bytes, round: int, hostile: bool) -> tuple[bytes, dict]:
+        """What a worker runs for one client (the parent built the client first and discarded
+        any newer state of a crashed run; the worker's copy only reads and writes its files)."""
+        client = self.build(cid)
+        if op == "fit":
+            cfg = self.cfg
+            kw = {"attack": Attack(cfg.attack, cfg.attack_scale, cfg.seed)} if hostile else {}
+            return client.fit(blob, round, **kw)
+        return b"", client.evaluate(blob, round)
+
+    def _run_in_pool(self, pool, op: str, plan: list[tuple[str, bytes]], round: int, hostile=(), desc: str = ""):
+        for cid, _ in plan:
+            self.clients[cid]  # built here first: a resumed run's newer state is discarded once, here
+        with tqdm(total=len(plan), desc=desc, leave=False, disable=not self.progress) as bar:
+            def done(cid, worker):
+                bar.set_postfix_str(f"client {cid} done on worker {worker}")
+                bar.update()
+            return pool.run(op, [(cid, down, cid in hostile) for cid, down in plan], round, on_done=done)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def initial(self) -> dict[str, Any]:
         """Round 0: the global state's evaluation before any training."""
@@ -108,19 +149,28 @@ class RoundRunner:
         sampled = [cid for cid, _ in plan]
         hostile = hostile_clients(sampled, cfg.byzantine, cfg.seed, r)
         attack = Attack(cfg.attack, cfg.attack_scale, cfg.seed) if hostile else None
+        pool = self.pool()
+        ran_on = None
         if cfg.secagg:
             rec, client_metrics = secure_round(server, self.clients, plan, r)
         else:
+            if pool is not None:
+                outcomes, ran_on = self._run_in_pool(pool, "fit", plan, r, hostile, desc=f"round {r} clients")
+            else:
+                outcomes = fit_clients(self.clients, plan, r, self.progress, hostile, attack)
             results, failures, client_metrics = [], [], {}
-            for cid, outcome in zip(sampled, fit_clients(self.clients, plan, r, self.progress, hostile, attack)):
+            for cid, outcome in zip(sampled, outcomes):
                 if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
-                    failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
+                    failures.append((cid, failure_reason(outcome)))
                 else:
                     results.append((cid, outcome[0]))
                     client_metrics[cid] = outcome[1]
             rec = server.aggregate(r, results, failures)
         if cfg.byzantine > 0:
             rec["hostile"] = hostile
+        if pool is not None:
+            rec["workers"] = self.workers
+            rec["client_worker"] = ran_on or {}
         if sampled and not rec.get("clients"):
             self.echo(f"WARNING round {r}: every sampled client was dropped, nothing was aggregated: "
                       + "; ".join(f"client {d['client']}: {d['reason']}" for d in rec.get("dropped", [])))
@@ -135,10 +185,20 @@ class RoundRunner:
             rec.update(server.evaluate(r))
             return []
         down_before = server.bytes.summary(r)["downlink_bytes"]
+        plan = server.configure_evaluate(r)
+        pool = self.pool()
+        if pool is not None:  # each client's own model is scored in a worker, in parallel
+            outcomes, _ = self._run_in_pool(pool, "evaluate", plan, r, desc=f"round {r} eval")
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise RuntimeError(f"round {r}: a personalised evaluation failed in a worker: {outcome}")
+            results = [metrics for _, metrics in outcomes]
+        else:
+            results = (self.clients[cid].evaluate(down, r)
+                       for cid, down in tqdm(plan, desc=f"round {r} eval", leave=False, disable=not self.progress))
         evs, evaluated = [], []
-        for cid, down in tqdm(server.configure_evaluate(r), desc=f"round {r} eval", leave=False,
-                              disable=not self.progress):
-            m = dict(self.clients[cid].evaluate(down, r))
+        for (cid, _), metrics in zip(plan, results):
+            m = dict(metrics)
             self.state_bytes += int(m.pop("state_bytes_delta", 0) or 0)
             evs.append(m)
             evaluated.append(cid)
@@ -150,6 +210,13 @@ class RoundRunner:
         rec["eval_downlink_bytes"] = server.bytes.summary(r)["downlink_bytes"] - down_before
         rec.update(ev)
         return sorted(set(evaluated) - set(touched), key=int)
+
+
+def failure_reason(e: Exception) -> str:
+    """A failed client's reason as every engine records it (a worker words it the same way)."""
+    from .workers import ClientFailure
+
+    return str(e) if isinstance(e, ClientFailure) else f"{type(e).__name__}: {e}"
 
 
 def fit_clients(clients: "ClientPool | dict", plan: list[tuple[str, bytes]], round: int, progress: bool,
