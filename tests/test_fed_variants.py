@@ -152,6 +152,9 @@ def test_client_test_split_follows_the_key_proportions():
     assert idx != client_test_indices([0] * 6 + [1] * 3 + [2] * 1, test_keys, 20, seed=8)
     few = client_test_indices([2] * 5, test_keys, 10, seed=0)  # more asked than the test set holds
     assert sorted(few) == [100, 101, 102]
+    # keys the test set lacks do not count: the share goes to the keys it has; none of them: empty
+    assert [test_keys[i] for i in client_test_indices([0] + [9] * 9, test_keys, 4, seed=0)] == [0] * 4
+    assert client_test_indices([9] * 3, test_keys, 4, seed=0) == []
 
 
 def test_head_and_compress_learning_rates(tmp_path):

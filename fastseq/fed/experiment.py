@@ -556,7 +556,8 @@ class Runtime:
     def own_examples(self, client: str) -> tuple[list[dict], list[dict]]:
         """(validation, test) examples of ``client``'s own distribution: its held-out training
         examples (the pooled validation set when the split is pooled) and its own test split (the
-        global test set when the task gives no test keys)."""
+        global test set when the task gives no test keys or the test set has none of the
+        client's)."""
         if client not in self._own:
             cid = int(client)
             val = ([self.data.train[i] for i in self.val_parts[cid]] if self.val_parts is not None
@@ -571,23 +572,27 @@ class Runtime:
                 n = max(1, round(len(self.eval_examples) * len(part) / n_train))
                 idx = client_test_indices([keys[i] for i in part], test_keys[:len(self.eval_examples)], n,
                                           derive_seed(self.cfg.seed, "client-test", cid))
-                test = [self.eval_examples[i] for i in idx]
+                # none of its keys in the test set: the global test set is all there is to score it on
+                test = [self.eval_examples[i] for i in idx] or self.eval_examples
             self._own[client] = (val, test)
         return self._own[client]
 
 
 def client_test_indices(client_keys: list, test_keys: list, n: int, seed: int) -> list[int]:
     """A client's own test split: about ``n`` test indices drawn without replacement (seeded)
-    with the key proportions of the client's training examples (largest-remainder rounding; a
-    key with fewer test examples than its share gives all it has)."""
+    with the key proportions of the client's training examples among the keys the test set has
+    (largest-remainder rounding; a key with fewer test examples than its share gives all it
+    has). Empty only when the test set has none of the client's keys."""
     import random
     from collections import Counter
 
-    counts = Counter(client_keys)
-    total = sum(counts.values())
     by_key: dict[Any, list[int]] = {}
     for i, k in enumerate(test_keys):
         by_key.setdefault(k, []).append(i)
+    counts = Counter(k for k in client_keys if k in by_key)
+    total = sum(counts.values())
+    if total == 0:
+        return []
     keys = sorted(counts, key=str)
     exact = {k: n * counts[k] / total for k in keys}
     take = {k: int(exact[k]) for k in keys}

@@ -98,6 +98,8 @@ def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[str, 
         except Exception as e:  # the client failed: its reason, as the sequential engine words it
             log.debug("client %s failed in a worker", header["client"], exc_info=True)
             up, reply = b"", {"ok": False, "reason": f"{type(e).__name__}: {e}"}
+        except KeyboardInterrupt as e:  # raised by the client's own code: it stops the run, as in sequence
+            up, reply = b"", {"ok": False, "interrupt": True, "reason": f"{type(e).__name__}: {e}"}
         conn.send_bytes(json.dumps(reply).encode())
         conn.send_bytes(up)
 
@@ -181,6 +183,8 @@ class WorkerPool:
                                                 f"running client {cid}'s {op}; only this client's round is lost")
                     self._reap(w)
                 else:
+                    if reply.get("interrupt"):
+                        raise KeyboardInterrupt(f"client {cid} in worker {i}: {reply['reason']}")
                     outcomes[j] = ((up, reply["metrics"]) if reply["ok"] else ClientFailure(reply["reason"]))
                 if on_done is not None:
                     on_done(cid, i)
