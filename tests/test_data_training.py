@@ -181,6 +181,33 @@ def test_text_classification_steps_bert_and_llama_score_head():
     assert 0.0 <= result["accuracy"] <= 1.0 and result["num_examples"] == 4
 
 
+def _split_evaluation(task, model, examples, processor, batch_size, cut):
+    """The records of batches [0, cut) and [cut, end) scored apart, then reduced together."""
+    first = task.eval_records(model, examples[:cut * batch_size], processor, batch_size)
+    rest = task.eval_records(model, examples[cut * batch_size:], processor, batch_size)
+    return task.reduce_eval(first + rest, processor)
+
+
+def test_evaluation_split_by_batches_is_exactly_the_whole(medquad, qa_tokenizer):
+    """What the local engine's workers do with the server's evaluation: score batches apart and
+    reduce them in order. The metrics are those of one evaluate(), bit for bit."""
+    task = get_task("medquad", max_new_tokens=5)
+    assert task.splittable_eval and not get_task("medquad", generate=True).splittable_eval
+    model = B.tiny_llama(len(qa_tokenizer), pad_token_id=qa_tokenizer.pad_token_id)
+    _train(task, model, task.collate(medquad.train, qa_tokenizer), 5, 1e-2)
+    examples = list(medquad.train)
+    assert len(examples) >= 5
+    assert _split_evaluation(task, model, examples, qa_tokenizer, 2, 1) == task.evaluate(model, examples, qa_tokenizer,
+                                                                                         batch_size=2)
+    d = get_task("bbc-news").load(fx("bbc"), seed=0)
+    tok = B.word_tokenizer([e["text"] for e in d.train + d.test])
+    task = get_task("bbc-news")
+    assert task.splittable_eval
+    llama = B.tiny_llama_classifier(len(tok), len(d.label_names), tok.pad_token_id)
+    examples = list(d.test + d.train[:5])
+    assert _split_evaluation(task, llama, examples, tok, 2, 2) == task.evaluate(llama, examples, tok, batch_size=2)
+
+
 def test_causal_lm_steps_and_evaluate_keys(medquad, qa_tokenizer):
     task = get_task("medquad", max_new_tokens=5)
     model = B.tiny_llama(len(qa_tokenizer), pad_token_id=qa_tokenizer.pad_token_id)

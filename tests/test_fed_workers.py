@@ -88,7 +88,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_workers_are_bit_identical_to_the_sequential_engine(tmp_path, case, no_new_processes):
-    kw = {**dict(rounds=2, clients=4, clients_per_round=3, max_examples=96), **CASES[case]}
+    # eval_batch_size 4: the server's evaluation has several batches, so the workers split it
+    kw = {**dict(rounds=2, clients=4, clients_per_round=3, max_examples=96, eval_batch_size=4), **CASES[case]}
     seq = run_experiment(tiny_config(tmp_path, "seq", workers=1, **kw), **QUIET)
     par = run_experiment(tiny_config(tmp_path, "par", workers=2, **kw), **QUIET)
     assert_bit_identical(Path(seq["out"]), Path(par["out"]))
@@ -178,6 +179,36 @@ def test_kill_9_of_the_run_takes_its_workers_along_and_resume_finishes_it(tmp_pa
     assert again.returncode == 0, again.stderr[-2000:]
     assert _rows(out) == _rows(ref)
     assert json.loads((out / "summary.json").read_text())["final"] == json.loads((ref / "summary.json").read_text())["final"]
+
+
+def test_the_servers_evaluation_split_across_workers_is_the_same(tmp_path, monkeypatch):
+    """score_in_workers: the batches go to the workers, the records come back and are reduced in
+    order; the metrics equal one process's evaluate() exactly."""
+    from fastseq.fed.experiment import build_runtime, build_server
+    from fastseq.fed.rounds import ClientPool, RoundRunner
+
+    cfg = tiny_config(tmp_path, "split", eval_batch_size=4, validation_fraction=0.2, workers=2)
+    rt = build_runtime(cfg, **QUIET)
+    server = build_server(cfg, rt)
+    runner = RoundRunner(cfg, server, ClientPool(lambda c: None, -1, 1), personalized=False, progress=False,
+                         echo=lambda s: None, workers=2, threads=1, build=lambda c: None)
+    runner.server_runtime = rt
+    calls = []
+
+    def counting(which, examples, state, round):
+        out = runner.score_in_workers(which, examples, state, round)
+        calls.append((which, out is not None))
+        return out
+
+    try:
+        whole = server.evaluate(0)
+        rt.scorer = counting
+        split = server.evaluate(0)
+    finally:
+        rt.scorer = None
+        runner.close()
+    assert calls == [("val", True), ("test", True)]  # both were split
+    assert split == whole and "val_accuracy" in whole and "accuracy" in whole
 
 
 def test_auto_workers_and_bad_values(monkeypatch):

@@ -146,6 +146,23 @@ class Task(abc.ABC):
                  batch_size: int = 16) -> dict[str, float]:
         ...
 
+    # Optional, for an evaluation split across processes (the local engine's workers): a task
+    # that can score its batches apart implements both, with
+    # ``evaluate == reduce_eval(eval_records(...))`` bit for bit. Records are JSON values.
+    def eval_records(self, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
+                     batch_size: int = 16) -> list[dict]:
+        """One record per batch of ``examples`` (batches of ``batch_size`` in order)."""
+        raise NotImplementedError(f"task {self.name!r} scores its examples in one piece only")
+
+    def reduce_eval(self, records: list[dict], processor: Any) -> dict[str, float]:
+        """The metrics of the batches whose ``records`` are given, in batch order."""
+        raise NotImplementedError(f"task {self.name!r} scores its examples in one piece only")
+
+    @property
+    def splittable_eval(self) -> bool:
+        """Whether :meth:`eval_records` / :meth:`reduce_eval` are implemented."""
+        return type(self).eval_records is not Task.eval_records
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
 

@@ -209,30 +209,7 @@ class InstructionTask(Task):
         if not examples:
             raise DataError("evaluate() got no examples; pass a non-empty test split.")
         tok = ensure_pad_token(processor)
-        device = model_device(model)
-        total_loss, total_tokens = 0.0, 0
-        tf_preds, refs = [], []
-        with eval_mode(model):
-            for chunk in batches(examples, batch_size):
-                batch = to_device(self.collate(chunk, tok), device)
-                losses, valid, logits = self._token_losses(model, batch)
-                total_loss += (losses * valid).sum().item()
-                total_tokens += int(valid.sum().item())
-                argmax = logits.argmax(-1)
-                shift_labels = batch["labels"][:, 1:]
-                for i in range(argmax.size(0)):
-                    sel = valid[i]
-                    tf_preds.append(tok.decode(argmax[i][sel].tolist(), skip_special_tokens=True).strip())
-                    refs.append(tok.decode(shift_labels[i][sel].tolist(), skip_special_tokens=True).strip())
-        eval_loss = total_loss / max(1, total_tokens)
-        result = {
-            "eval_loss": eval_loss,
-            "perplexity": safe_exp(eval_loss),
-            "rougeL_tf": metrics.rouge_l_f1(tf_preds, refs),
-            "bleu_tf": metrics.corpus_bleu([p.split() for p in tf_preds], [r.split() for r in refs]),
-            "num_examples": float(len(examples)),
-            "num_tokens": float(total_tokens),
-        }
+        result = self.reduce_eval(self.eval_records(model, examples, tok, batch_size), tok)
         if self.generate if generate is None else generate:
             subset = list(examples) if self.eval_generate_examples is None else list(examples)[:self.eval_generate_examples]
             gen = self.generate_answers(model, subset, tok, batch_size)
@@ -240,6 +217,49 @@ class InstructionTask(Task):
             result["rougeL_gen"] = metrics.rouge_l_f1(gen, gold)
             result["bleu_gen"] = metrics.corpus_bleu([g.split() for g in gen], [r.split() for r in gold])
         return result
+
+    def eval_records(self, model, examples, processor, batch_size=16) -> list[dict]:
+        """Per batch: the summed answer-token loss, the token count and the teacher-forced
+        predictions with their references, decoded."""
+        tok = ensure_pad_token(processor)
+        device = model_device(model)
+        records = []
+        with eval_mode(model):
+            for chunk in batches(examples, batch_size):
+                batch = to_device(self.collate(chunk, tok), device)
+                losses, valid, logits = self._token_losses(model, batch)
+                argmax = logits.argmax(-1)
+                shift_labels = batch["labels"][:, 1:]
+                rec = {"loss_sum": (losses * valid).sum().item(), "tokens": int(valid.sum().item()),
+                       "tf_preds": [], "refs": []}
+                for i in range(argmax.size(0)):
+                    sel = valid[i]
+                    rec["tf_preds"].append(tok.decode(argmax[i][sel].tolist(), skip_special_tokens=True).strip())
+                    rec["refs"].append(tok.decode(shift_labels[i][sel].tolist(), skip_special_tokens=True).strip())
+                records.append(rec)
+        return records
+
+    def reduce_eval(self, records, processor) -> dict[str, float]:
+        """The teacher-forced metrics of :meth:`evaluate` (generation, when on, is not split)."""
+        total_loss, total_tokens, tf_preds, refs = 0.0, 0, [], []
+        for r in records:  # in batch order: the same float sum however the batches were scored
+            total_loss += r["loss_sum"]
+            total_tokens += r["tokens"]
+            tf_preds.extend(r["tf_preds"])
+            refs.extend(r["refs"])
+        eval_loss = total_loss / max(1, total_tokens)
+        return {
+            "eval_loss": eval_loss,
+            "perplexity": safe_exp(eval_loss),
+            "rougeL_tf": metrics.rouge_l_f1(tf_preds, refs),
+            "bleu_tf": metrics.corpus_bleu([p.split() for p in tf_preds], [r.split() for r in refs]),
+            "num_examples": float(len(tf_preds)),
+            "num_tokens": float(total_tokens),
+        }
+
+    @property
+    def splittable_eval(self) -> bool:
+        return not self.generate  # greedy generation runs in one piece, after the records
 
     def generate_answers(self, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
                          batch_size: int = 16) -> list[str]:

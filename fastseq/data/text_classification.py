@@ -64,21 +64,28 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
 
-def evaluate_classification(task: Task, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
-                            batch_size: int = 16) -> dict[str, float]:
-    """``eval_loss`` (example-weighted mean cross-entropy), ``accuracy``, ``macro_f1``."""
-    if not examples:
-        raise DataError("evaluate() got no examples; pass a non-empty test split.")
+def classification_records(task: Task, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
+                           batch_size: int = 16) -> list[dict]:
+    """Per batch: the summed cross-entropy, the predictions and the labels."""
     device = model_device(model)
-    total, preds, labels = 0.0, [], []
+    records = []
     with eval_mode(model):
         for chunk in batches(examples, batch_size):
             batch = task.prepare_batch(model, to_device(task.collate(chunk, processor), device))
             logits = _logits(model(**model_inputs(model, batch))).float()
             y = batch["labels"]
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-            preds.extend(logits.argmax(-1).tolist())
-            labels.extend(y.tolist())
+            records.append({"loss_sum": F.cross_entropy(logits, y, reduction="sum").item(),
+                            "preds": logits.argmax(-1).tolist(), "labels": y.tolist()})
+    return records
+
+
+def reduce_classification(records: list[dict]) -> dict[str, float]:
+    """``eval_loss`` (example-weighted mean cross-entropy), ``accuracy``, ``macro_f1``."""
+    total, preds, labels = 0.0, [], []
+    for r in records:  # in batch order: the same float sum however the batches were scored
+        total += r["loss_sum"]
+        preds.extend(r["preds"])
+        labels.extend(r["labels"])
     return {
         "eval_loss": total / len(labels),
         "accuracy": metrics.accuracy(preds, labels),
@@ -87,7 +94,25 @@ def evaluate_classification(task: Task, model: torch.nn.Module, examples: Sequen
     }
 
 
-class TextClassificationTask(Task):
+def evaluate_classification(task: Task, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
+                            batch_size: int = 16) -> dict[str, float]:
+    """``eval_loss`` (example-weighted mean cross-entropy), ``accuracy``, ``macro_f1``."""
+    if not examples:
+        raise DataError("evaluate() got no examples; pass a non-empty test split.")
+    return reduce_classification(classification_records(task, model, examples, processor, batch_size))
+
+
+class ClassificationEval:
+    """Mixin: a classification task's evaluation, splittable by batches."""
+
+    def eval_records(self, model, examples, processor, batch_size=16):
+        return classification_records(self, model, examples, processor, batch_size)
+
+    def reduce_eval(self, records, processor):
+        return reduce_classification(records)
+
+
+class TextClassificationTask(ClassificationEval, Task):
     """Examples are ``{"text": str, "label": int}``; ``collate`` tokenizes with the given
     tokenizer (padding to the longest in the batch, truncation to ``max_length``)."""
 
@@ -258,6 +283,10 @@ class SyntheticTask(TextClassificationTask):
                  batch_size: int = 16) -> dict[str, float]:
         self._check_vocab(model)
         return evaluate_classification(self, model, examples, processor, batch_size)
+
+    def eval_records(self, model, examples, processor=None, batch_size=16):
+        self._check_vocab(model)
+        return classification_records(self, model, examples, processor, batch_size)
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .base import (
     register_task,
     require_path,
 )
-from .text_classification import classification_loss, evaluate_classification
+from .text_classification import ClassificationEval, classification_loss, evaluate_classification
 
 logger = logging.getLogger("fastseq.data")
 
@@ -77,7 +77,7 @@ def model_image_size(model: Any) -> tuple[int, int] | None:
     return None
 
 
-class ImageClassificationTask(Task):
+class ImageClassificationTask(ClassificationEval, Task):
     kind = "image-classification"
     processor_use = "optional"  # without one, collate resizes to the model's input size
     metric_for_selection = "accuracy"

@@ -332,9 +332,12 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         echo(f"workers: {workers} processes share the backbone, {threads} torch thread(s) each")
     runner = RoundRunner(cfg, server, clients, personalized=personalized, progress=progress, echo=echo,
                          workers=workers, threads=threads, build=build)
+    if workers > 1:
+        runner.server_runtime, rt.scorer = rt, runner.score_in_workers
     try:
         _rounds_loop(cfg, runner, server, clients, out, ckpt, metrics_path, hooks, echo, progress)
     finally:
+        rt.scorer = None
         runner.close()  # no worker outlives the run, whatever ended it
     return finish(cfg, rt, server, out, echo)
 

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -531,27 +531,38 @@ class Runtime:
     # each client's held-out training indices (validation_split="clients"), for its own validation
     val_parts: list[list[int]] | None = None
     _own: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict, repr=False)
+    # (which, examples, state, round) -> metrics or None: the local engine's workers score the
+    # server's evaluation in parallel (fastseq.fed.rounds.RoundRunner.score_in_workers)
+    scorer: Callable | None = field(default=None, repr=False)
 
-    def evaluate(self, round: int | None = None, client: str | None = None) -> dict[str, Any]:
+    def evaluate(self, round: int | None = None, client: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Score the model as it is now: ``val_<metric>`` on the validation examples, and the
         test metrics when ``round`` is a test round (None: always).
 
         With ``client`` (a personalised model), on that client's own distribution, as
         FedSA-LoRA's authors evaluate: its own held-out examples and its own test split
         (:func:`client_test_indices`); the global test set's score is reported beside it as
-        ``global_<metric>``."""
+        ``global_<metric>``. ``state``: what the model holds now (the server's evaluation), so
+        that ``scorer`` can score it elsewhere."""
         out: dict[str, Any] = {}
-        bs = self.cfg.eval_batch_size
         val, test = self.own_examples(client) if client is not None else (self.val_examples, self.eval_examples)
         if val:
-            ev = self.task.evaluate(self.model, val, self.processor, batch_size=bs)
+            ev = self._score("val", val, state, round)
             out.update({f"val_{k}": v for k, v in ev.items()})
         if round is None or is_test_round(self.cfg, round):
-            out.update(self.task.evaluate(self.model, test, self.processor, batch_size=bs))
+            out.update(self._score("test", test, state, round))
             if client is not None:
-                ev = self.task.evaluate(self.model, self.eval_examples, self.processor, batch_size=bs)
+                ev = self._score("test", self.eval_examples, None, round)
                 out.update({f"global_{k}": v for k, v in ev.items()})
         return out
+
+    def _score(self, which: str, examples: list[dict], state, round) -> dict[str, Any]:
+        if state is not None and self.scorer is not None:
+            ev = self.scorer(which, examples, state, round)
+            if ev is not None:
+                return ev
+        return self.task.evaluate(self.model, examples, self.processor, batch_size=self.cfg.eval_batch_size)
 
     def own_examples(self, client: str) -> tuple[list[dict], list[dict]]:
         """(validation, test) examples of ``client``'s own distribution: its held-out training
@@ -728,7 +739,7 @@ def make_evaluator(rt: Runtime):
     def evaluate(state: dict[str, torch.Tensor], round: int | None = None) -> dict[str, Any]:
         rt.method.load(state)
         rt.method.load(rt.initial_local)
-        return rt.evaluate(round)
+        return rt.evaluate(round, state={**state, **rt.initial_local})
     return evaluate
 
 

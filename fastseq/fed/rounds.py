@@ -82,6 +82,7 @@ class RoundRunner:
         self.state_bytes = state_bytes
         self.workers, self.threads, self.build = workers, threads, build
         self._pool = None
+        self.server_runtime = None  # set by the engine: the server's evaluation is split in the workers
 
     def pool(self):
         """The worker pool (forked on first use, after the backbone is loaded), or None."""
@@ -93,13 +94,24 @@ class RoundRunner:
             self._pool = WorkerPool(self.workers, self.threads, self._in_worker)
         return self._pool
 
-    def _in_worker(self, op: str, cid: str, blob: bytes, round: int, hostile: bool) -> tuple[bytes, dict]:
-        """What a worker runs for one client (the parent built the client first and discarded
-        any newer state of a crashed run; the worker's copy only reads and writes its files)."""
-        client = self.build(cid)
+    def _in_worker(self, header: dict, blob: bytes) -> tuple[bytes, Any]:
+        """What a worker runs. ``fit`` / ``evaluate``: one client (the parent built it first and
+        discarded any newer state of a crashed run; the worker's copy only reads and writes its
+        files). ``score``: the records of a shard of the server's evaluation, with the state in
+        ``blob`` loaded (see :meth:`score_in_workers`)."""
+        op, key, round = header["op"], header["key"], header["round"]
+        if op == "score":
+            from safetensors.torch import load as load_tensors
+
+            rt = self.server_runtime
+            rt.method.load(load_tensors(blob))
+            examples = rt.val_examples if header["which"] == "val" else rt.eval_examples
+            shard = examples[header["start"]:header["stop"]]
+            return b"", rt.task.eval_records(rt.model, shard, rt.processor, self.cfg.eval_batch_size)
+        client = self.build(key)
         if op == "fit":
             cfg = self.cfg
-            kw = {"attack": Attack(cfg.attack, cfg.attack_scale, cfg.seed)} if hostile else {}
+            kw = {"attack": Attack(cfg.attack, cfg.attack_scale, cfg.seed)} if header["hostile"] else {}
             return client.fit(blob, round, **kw)
         return b"", client.evaluate(blob, round)
 
@@ -110,7 +122,32 @@ class RoundRunner:
             def done(cid, worker):
                 bar.set_postfix_str(f"client {cid} done on worker {worker}")
                 bar.update()
-            return pool.run(op, [(cid, down, cid in hostile) for cid, down in plan], round, on_done=done)
+            jobs = [(cid, down, {"hostile": cid in hostile, "label": f"client {cid}'s {op}"}) for cid, down in plan]
+            return pool.run(op, jobs, round, on_done=done)
+
+    def score_in_workers(self, which: str, examples: list, state: dict, round: int | None) -> dict | None:
+        """The server's evaluation of ``state`` on ``examples`` (the runtime's ``val`` or ``test``
+        examples), its batches split across the workers and reduced here in batch order: the
+        same metrics as one process computes. None when there is nothing to split."""
+        pool, rt = self.pool(), self.server_runtime
+        bs = self.cfg.eval_batch_size
+        n_batches = -(-len(examples) // bs)
+        if pool is None or rt is None or not rt.task.splittable_eval or n_batches < 2:
+            return None
+        from safetensors.torch import save as save_tensors
+
+        blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        per = -(-n_batches // min(self.workers, n_batches))
+        jobs = [(f"{which} batches {i}-{min(i + per, n_batches) - 1}", blob,
+                 {"which": which, "start": i * bs, "stop": min(len(examples), (i + per) * bs)})
+                for i in range(0, n_batches, per)]
+        outcomes, _ = pool.run("score", jobs, -1 if round is None else round)
+        records = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise RuntimeError(f"the server's evaluation failed in a worker: {outcome}")
+            records += outcome[1]
+        return rt.task.reduce_eval(records, rt.processor)
 
     def close(self) -> None:
         if self._pool is not None:

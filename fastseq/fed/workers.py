@@ -77,7 +77,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[str, str, bytes, int, bool], tuple]):
+def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[dict, bytes], tuple]):
     """The body of a worker: serve requests until the parent closes the pipe."""
     import torch
 
@@ -93,10 +93,10 @@ def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[str, 
         except (EOFError, OSError):
             return
         try:
-            up, metrics = call(header["op"], header["client"], blob, header["round"], header["hostile"])
+            up, metrics = call(header, blob)
             reply = {"ok": True, "metrics": metrics}
         except Exception as e:  # the client failed: its reason, as the sequential engine words it
-            log.debug("client %s failed in a worker", header["client"], exc_info=True)
+            log.debug("%s of %s failed in a worker", header["op"], header["key"], exc_info=True)
             up, reply = b"", {"ok": False, "reason": f"{type(e).__name__}: {e}"}
         except KeyboardInterrupt as e:  # raised by the client's own code: it stops the run, as in sequence
             up, reply = b"", {"ok": False, "interrupt": True, "reason": f"{type(e).__name__}: {e}"}
@@ -105,10 +105,11 @@ def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[str, 
 
 
 class WorkerPool:
-    """``n`` forked workers; ``call(op, client id, blob, round, hostile)`` runs in them: op
-    ``"fit"`` returns ``(uplink blob, metrics)``, op ``"evaluate"`` ``(b"", metrics)``."""
+    """``n`` forked workers; ``call(header, blob)`` runs in them and returns ``(bytes, JSON
+    value)``. ``header`` holds ``op``, ``key`` (a client id, or a shard's name), ``round`` and
+    the job's own fields (see :class:`fastseq.fed.rounds.RoundRunner`)."""
 
-    def __init__(self, n: int, threads: int, call: Callable[[str, str, bytes, int, bool], tuple]):
+    def __init__(self, n: int, threads: int, call: Callable[[dict, bytes], tuple]):
         self.n, self.threads, self.call = n, threads, call
         self._ctx = mp.get_context("fork")
         self._workers: list[_Worker | None] = [None] * n
@@ -138,11 +139,11 @@ class WorkerPool:
         w.process.join(timeout=5)
         self._workers[w.index] = None
 
-    def run(self, op: str, jobs: list[tuple[str, bytes, bool]], round: int,
+    def run(self, op: str, jobs: list[tuple[str, bytes, dict]], round: int,
             on_done: Callable[[str, int], None] | None = None) -> tuple[list, dict[str, int]]:
-        """Run ``op`` for every ``(client id, blob, hostile)`` in ``jobs``, each on the next free
-        worker. Returns the outcomes in job order (``(blob, metrics)`` or a ClientFailure) and
-        which worker ran each client."""
+        """Run ``op`` for every ``(key, blob, fields)`` in ``jobs``, each on the next free worker.
+        Returns the outcomes in job order (``(blob, JSON value)`` or a ClientFailure) and which
+        worker ran each key."""
         pending = list(range(len(jobs)))[::-1]
         outcomes: list = [None] * len(jobs)
         ran_on: dict[str, int] = {}
@@ -153,10 +154,9 @@ class WorkerPool:
                     continue
                 w = self._alive(i)
                 j = pending.pop()
-                cid, blob, hostile = jobs[j]
+                cid, blob, fields = jobs[j]
                 try:
-                    w.conn.send_bytes(json.dumps({"op": op, "client": cid, "round": round,
-                                                  "hostile": bool(hostile)}).encode())
+                    w.conn.send_bytes(json.dumps({**fields, "op": op, "key": cid, "round": round}).encode())
                     w.conn.send_bytes(blob)
                 except (BrokenPipeError, OSError):
                     pending.append(j)  # it died between rounds: a fresh one takes the job
@@ -179,12 +179,13 @@ class WorkerPool:
                     w.process.join(timeout=5)
                     code = w.process.exitcode
                     how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                    what = jobs[j][2].get("label") or f"{op} of {cid}"
                     outcomes[j] = ClientFailure(f"WorkerDied: worker {i} (pid {w.process.pid}) died ({how}) while "
-                                                f"running client {cid}'s {op}; only this client's round is lost")
+                                                f"running {what}")
                     self._reap(w)
                 else:
                     if reply.get("interrupt"):
-                        raise KeyboardInterrupt(f"client {cid} in worker {i}: {reply['reason']}")
+                        raise KeyboardInterrupt(f"{op} of {cid} in worker {i}: {reply['reason']}")
                     outcomes[j] = ((up, reply["metrics"]) if reply["ok"] else ClientFailure(reply["reason"]))
                 if on_done is not None:
                     on_done(cid, i)
