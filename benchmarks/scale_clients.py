@@ -62,7 +62,9 @@ def run_config(arm: str, clients: int, s: dict, out: Path) -> dict:
     return dict(model="tiny-llama", task="synthetic", task_options={"num_examples": s["num_examples"]},
                 clients=clients, clients_per_round=min(s["clients_per_round"], clients), rounds=s["rounds"],
                 partition="iid", min_client_size=2, local_steps=s["local_steps"], batch_size=8, r=4, lr=1e-2,
-                eval_examples=s["eval_examples"], seed=0, out=str(out), progress=False, **arms[arm])
+                eval_examples=s["eval_examples"], seed=0, out=str(out), progress=False,
+                # the sequential engine: ru_maxrss measures this one process (workers: side_by_side_flower.py)
+                workers=1, **arms[arm])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ def measure(arm: str, clients: int, s: dict, work: Path) -> dict:
 
 def settings_key(arm: str, clients: int, s: dict) -> str:
     conf = run_config(arm, clients, s, Path("-"))
+    conf.pop("workers")  # 1, the engine these rows always measured: their keys stay valid
     return hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:12]
 
 

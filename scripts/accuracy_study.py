@@ -296,7 +296,9 @@ def _run_subprocess(spec: Spec, threads: int, resume: bool) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log = out.parent / f".{spec.tag}.log"
     with open(log, "w") as fh:
-        cmd = [sys.executable, "-m", "fastseq.cli", "run", "--config", str(conf)] + (["--resume", str(out)] if resume else [])
+        # --workers 1: the jobs share the cores already (results are bit-identical either way)
+        cmd = [sys.executable, "-m", "fastseq.cli", "run", "--config", str(conf), "--workers", "1"] + \
+            (["--resume", str(out)] if resume else [])
         rc = subprocess.run(cmd, env=env,
                             stdout=fh, stderr=subprocess.STDOUT)
     if rc.returncode != 0:
