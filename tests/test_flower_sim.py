@@ -193,7 +193,7 @@ def test_cli_client_resource_flags(tmp_path, monkeypatch, capsys):
     from fastseq.cli import main
 
     seen = {}
-    monkeypatch.setattr(fastseq.flower, "run_flower_simulation", lambda cfg, resume=False, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(fastseq.flower, "run_flower_simulation", lambda cfg, resume=False, **kw: seen.update(cfg=cfg) or {})
     assert main(["run", "--engine", "flower-sim", "--client-cpus", "0.5", "--client-gpus", "0", "--model",
                  "tiny-llama", "--task", "synthetic", "--out", str(tmp_path / "s")]) == 0
     assert seen["cfg"].engine == "flower-sim" and seen["cfg"].client_cpus == 0.5 and seen["cfg"].client_gpus == 0
