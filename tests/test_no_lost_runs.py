@@ -1,13 +1,15 @@
 """No run is lost: a run directory is locked while a process writes it (a second run or a resume
-into it is refused, a killed run's lock is taken over) and a resume that does not match its run
-is refused before anything is written."""
+into it is refused, a killed run's lock is taken over), a resume that does not match its run is
+refused before anything is written, and Ctrl-C says how to continue."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -231,3 +233,20 @@ def test_a_matching_resume_still_trains_further(finished, tmp_path):
     shutil.copytree(finished["ffa-lora"], d)
     assert main(["run", "--resume", str(d), "--rounds", "3"]) == 0
     assert [h["round"] for h in history(d)] == [0, 1, 2, 3]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path):
+    out = tmp_path / "my run"  # a path the shell must quote
+    first = _start(["run", *TINY, "--rounds", "3", "--out", str(out)], tmp_path, delay=3.0)
+    _wait_for("round 1 checkpoint", (out / "checkpoints" / "round_1" / "server.json").is_file, first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    command = f"fastseq run --resume {shlex.quote(str(out))}"
+    assert err.strip().splitlines()[-1] == f"fastseq run: interrupted; round 1 of 3 is saved; continue with: {command}"
+    assert not (out / LOCK_NAME).exists()  # released on Ctrl-C
+    assert main(shlex.split(command)[1:]) == 0
+    assert [h["round"] for h in history(out)] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
