@@ -1,10 +1,14 @@
 """fastseq's local engine vs a plain Flower + PEFT simulation: the same FedAvg-LoRA experiment.
 
-Two arms, one invocation, each in its own subprocess (so that each arm's memory is measured
+Three arms, one invocation, each in its own subprocess (so that each arm's memory is measured
 from a clean process tree):
 
-* ``fastseq``: ``fastseq.engines.run`` with ``engine="local"``, ``method="fedavg-lora"``: one
-  process, one frozen backbone shared by every simulated client, clients trained in turn.
+* ``fastseq``: ``fastseq.engines.run`` with ``engine="local"``, ``method="fedavg-lora"``,
+  ``workers=1``: one process, one frozen backbone shared by every simulated client, clients
+  trained in turn on one thread.
+* ``fastseq-<N>w``: the same with ``workers=N`` (``--workers``, default the CPU count): the
+  round's clients train in N worker processes forked after the backbone loaded, one torch
+  thread each, sharing that backbone.
 * ``flower``: a plain Flower App built in this file, FlowerTune-style: a ServerApp running
   Flower's own ``FedAvg`` strategy on ``ArrayRecord``s, and a ClientApp that loads the model
   and wraps it with ``peft.get_peft_model(LoraConfig(...))`` in every Ray actor, trains with a
@@ -79,6 +83,7 @@ def experiment_config(spec: dict, out: str):
 # arm 1: fastseq's local engine
 # ---------------------------------------------------------------------------------------------
 def arm_fastseq(spec: dict, work: Path) -> dict:
+    """Runs at ``spec["workers"]`` workers (1: the sequential engine)."""
     from fastseq.engines import run
 
     cfg = experiment_config(spec, str(work / "run"))
@@ -287,7 +292,9 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def run_arm(arm: str, spec: dict, work: Path, sample_s: float, log=print) -> dict:
+def run_arm(arm: str, spec: dict, work: Path, sample_s: float, log=print, label: str | None = None) -> dict:
+    """Run ``arm`` (fastseq or flower) in a subprocess; its row is called ``label`` (default ``arm``)."""
+    label = label or arm
     work.mkdir(parents=True, exist_ok=True)
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -306,9 +313,9 @@ def run_arm(arm: str, spec: dict, work: Path, sample_s: float, log=print) -> dic
         tail = (work / "arm.log").read_text()[-3000:]
         raise RuntimeError(f"arm {arm} exited with {rc}; log {work / 'arm.log'}:\n{tail}")
     res = json.loads((work / "result.json").read_text())
-    res.update(arm=arm, process_wall_s=wall, peak_rss_mb=sampler.peak_rss / 2**20, peak_pss_mb=sampler.peak_pss / 2**20,
+    res.update(arm=label, process_wall_s=wall, peak_rss_mb=sampler.peak_rss / 2**20, peak_pss_mb=sampler.peak_pss / 2**20,
                peak_processes=sampler.peak_procs, cpu_s=sum(sampler.cpu.values()))
-    log(f"{arm}: {wall:.1f} s, rounds {[round(s, 2) for s in res['round_seconds']]} s, peak PSS "
+    log(f"{label}: {wall:.1f} s, rounds {[round(s, 2) for s in res['round_seconds']]} s, peak PSS "
         f"{res['peak_pss_mb']:.0f} MB (RSS {res['peak_rss_mb']:.0f} MB, {sampler.peak_procs} processes), "
         f"accuracy {res['accuracy']}")
     return res
@@ -335,7 +342,7 @@ def write_markdown(path: Path, spec: dict, rows: list[dict], ratios: dict, prov:
                      f"{r['process_wall_s']:.1f} | {r['peak_pss_mb']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['peak_processes']} | {r['cpu_s']:.1f} | "
                      f"{_fmt(r['accuracy_r0'])} -> {_fmt(r['accuracy_final'])} |")
-    lines += ["", "Ratios (Flower / fastseq): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), "",
+    lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), "",
               "Round time = training + aggregation + central evaluation of one round. Peak memory is the whole "
               "process tree of the arm (Ray's processes included), sampled; PSS splits shared pages between "
               "processes. The two arms sample different clients and aggregate with different code, so their "
@@ -359,8 +366,9 @@ def plot(path: Path, rows: list[dict], spec: dict) -> None:
         ax[2].plot(range(len(r["accuracy"])), r["accuracy"], marker="o", label=r["arm"])
     ax[0].set(xlabel="round", ylabel="seconds", title="wall time per round")
     names = [r["arm"] for r in rows]
-    ax[1].bar([n + "\nPSS" for n in names], [r["peak_pss_mb"] for r in rows], color=["C0", "C1"])
-    ax[1].bar([n + "\nRSS" for n in names], [r["peak_rss_mb"] for r in rows], color=["C0", "C1"], alpha=0.5)
+    colors = [f"C{i}" for i in range(len(rows))]
+    ax[1].bar([n + "\nPSS" for n in names], [r["peak_pss_mb"] for r in rows], color=colors)
+    ax[1].bar([n + "\nRSS" for n in names], [r["peak_rss_mb"] for r in rows], color=colors, alpha=0.5)
     ax[1].set(ylabel="MB", title="peak memory (process tree)")
     ax[2].set(xlabel="round", ylabel="test accuracy", title="central evaluation")
     for a in (ax[0], ax[2]):
@@ -386,6 +394,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-examples", type=int)
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs Ray may use (Flower arm)")
     ap.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per Flower actor")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="fastseq's worker processes in its parallel arm (default: the CPU count)")
     ap.add_argument("--sample-s", type=float, default=0.25, help="memory sampling interval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", help="suffix of the result files (e.g. 1cpu for --ray-cpus 1)")
@@ -406,7 +416,7 @@ def main(argv=None) -> dict:
     for k in ("model", "task", "clients", "clients_per_round", "rounds", "local_steps", "lora_r", "max_examples"):
         if getattr(args, k) is not None:
             spec[k] = getattr(args, k)
-    spec.update(seed=args.seed, ray_cpus=args.ray_cpus, client_cpus=args.client_cpus)
+    spec.update(seed=args.seed, ray_cpus=args.ray_cpus, client_cpus=args.client_cpus, workers=1)
     cfg = experiment_config(spec, "unused")  # validates, and fills what the spec leaves to the defaults
     spec.update(head_lr=cfg.head_lr if cfg.head_lr is not None else cfg.lr, lora_dropout=cfg.lora_dropout,
                 eval_batch_size=cfg.eval_batch_size, min_client_size=cfg.min_client_size)
@@ -415,12 +425,15 @@ def main(argv=None) -> dict:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
         fast = run_arm("fastseq", spec, Path(tmp) / "fastseq", args.sample_s)
+        par = run_arm("fastseq", {**spec, "workers": args.workers}, Path(tmp) / "fastseq-workers", args.sample_s,
+                      label=f"fastseq-{args.workers}w")
         # The Flower arm uses the LoRA the fastseq arm resolved: same rank, alpha and target modules.
-        spec.update(lora_r=fast["lora_r"], lora_alpha=fast["lora_alpha"], lora_targets=fast["lora_targets"])
+        spec.update(lora_r=fast["lora_r"], lora_alpha=fast["lora_alpha"], lora_targets=fast["lora_targets"],
+                    parallel_workers=args.workers)
         flower = run_arm("flower", spec, Path(tmp) / "flower", args.sample_s)
     prov = provenance("cpu")
     rows = []
-    for r in (fast, flower):
+    for r in (fast, par, flower):
         rows.append(dict(arm=r["arm"], model=spec["model"], task=spec["task"], clients=spec["clients"],
                          clients_per_round=spec["clients_per_round"], rounds=spec["rounds"],
                          local_steps=spec["local_steps"], batch_size=spec["batch_size"], lr=spec["lr"],
@@ -431,17 +444,23 @@ def main(argv=None) -> dict:
                          arm_wall_s=r["arm_wall_s"], peak_rss_mb=r["peak_rss_mb"], peak_pss_mb=r["peak_pss_mb"],
                          peak_processes=r["peak_processes"], cpu_s=r["cpu_s"], accuracy=r["accuracy"],
                          accuracy_r0=r["accuracy"][0], accuracy_final=r["accuracy"][-1], **prov))
-    ratios = {"round time": rows[1]["round_s_mean"] / rows[0]["round_s_mean"],
-              "round time after round 1": rows[1]["round_s_after_first"] / rows[0]["round_s_after_first"],
-              "arm wall time": rows[1]["process_wall_s"] / rows[0]["process_wall_s"],
-              "peak PSS": rows[1]["peak_pss_mb"] / rows[0]["peak_pss_mb"],
-              "peak RSS": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
-              "CPU seconds": rows[1]["cpu_s"] / rows[0]["cpu_s"]}
+    seq, par_row, flo = rows
+    ratios = {"round time": flo["round_s_mean"] / seq["round_s_mean"],  # Flower / fastseq (sequential)
+              "round time after round 1": flo["round_s_after_first"] / seq["round_s_after_first"],
+              "arm wall time": flo["process_wall_s"] / seq["process_wall_s"],
+              "peak PSS": flo["peak_pss_mb"] / seq["peak_pss_mb"],
+              "peak RSS": flo["peak_rss_mb"] / seq["peak_rss_mb"],
+              "CPU seconds": flo["cpu_s"] / seq["cpu_s"],
+              # fastseq with workers against itself sequential and against Flower
+              "workers round time / sequential": par_row["round_s_mean"] / seq["round_s_mean"],
+              "workers round time / Flower (after round 1)": par_row["round_s_after_first"] / flo["round_s_after_first"],
+              "workers peak PSS / sequential": par_row["peak_pss_mb"] / seq["peak_pss_mb"],
+              "Flower peak PSS / workers": flo["peak_pss_mb"] / par_row["peak_pss_mb"]}
     stem = out_dir / (STEM + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else ""))
     write_results(stem, rows, spec=spec, ratios=ratios, seconds=time.time() - t0, **prov)
     write_markdown(Path(f"{stem}.md"), spec, rows, ratios, prov)
     plot(Path(f"{stem}.png"), rows, spec)
-    print("ratios (Flower / fastseq): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"wrote {stem}.{{csv,json,md,png}}")
     return dict(rows=rows, ratios=ratios)
 

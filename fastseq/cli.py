@@ -3,7 +3,8 @@
 Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
 budgets, resume targets, a run directory another process is writing) as one line on stderr
 that names the problem and the fix, with exit code 2; an unexpected exception keeps its
-traceback and says it is a bug to report (exit 1). :mod:`fastseq.exit_codes` lists them all.
+traceback and says it is a bug to report (exit 1). A run that finished without aggregating
+any client update exits 4 with the clients' reasons. :mod:`fastseq.exit_codes` lists them all.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .exit_codes import BUG_EXIT, EXIT_CODES, INTERRUPT_EXIT, USAGE_EXIT
+from .exit_codes import BUG_EXIT, EXIT_CODES, INTERRUPT_EXIT, NOTHING_TRAINED_EXIT, USAGE_EXIT
 
 
 class CLIError(Exception):
@@ -50,6 +51,18 @@ def _topk(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a fraction in (0, 1] such as 0.1 or a "
                                          f"count such as 1000") from None
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text  # explicit: overrides a config file's number (config value null)
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number of workers >= 1 or auto")
+    return n
+
+
 # flag -> (config key, type, help)
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model: hub id, local folder, all-MiniLM-L6-v2 or a tiny-* model"),
@@ -70,7 +83,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                               "(Wd h + s P sigma(C h))"),
     ("--lora-r", "lora_r", int, "explicit LoRA rank (default: matched to SCL's budget)"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 2*lora_r)"),
-    ("--lr", "lr", float, "client AdamW learning rate"),
+    ("--lr", "lr", float, "client AdamW learning rate (default: the method's own, chosen on validation by the "
+                          "accuracy study: {default_lrs})"),
     ("--head-lr", "head_lr", float, "the task head's learning rate (default 1e-2 for every method; head_lr: null in a config follows --lr)"),
     ("--scl-compress-lr", "scl_compress_lr", float, "SCL C's learning rate (default: --lr)"),
     ("--batch-size", "batch_size", int, "client micro-batch size"),
@@ -104,6 +118,9 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                                     "of unclipped updates (default "
                                                                     "clients_per_round/20)"),
     ("--seed", "seed", int, "seed of every RNG"),
+    ("--workers", "workers", _workers, "local engine: worker processes that train a round's clients in parallel on "
+                                       "one shared backbone (default auto: on a CPU one per core, at most the "
+                                       "clients per round; on a GPU 1); see docs/federated.md"),
     ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
                                 "flower-sim (Flower's Simulation Engine, Ray actors)"),
     ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),
@@ -188,8 +205,11 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="a .toml / .yaml / .json config file (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round (its "
                                                    "config.json gives the defaults)")
+    from .fed.methods import default_lrs_text
+
     for flag, key, typ, hlp in RUN_FLAGS:
-        p.add_argument(flag, dest=key, type=typ, default=None, help=_with_default(key, hlp))
+        p.add_argument(flag, dest=key, type=typ, default=None,
+                       help=_with_default(key, hlp.replace("{default_lrs}", default_lrs_text())))
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
                    help=_with_default("deepspeed", 'train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' '
                                                    '(see docs/deployment.md)'))
@@ -212,7 +232,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed", "scl_layers",
                                               "scl_train_compress", "secagg"]
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if over.get("workers") == "auto":
+        over["workers"] = None
+    return over
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -431,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted{how}", file=sys.stderr)
         return INTERRUPT_EXIT
     except Exception as e:
+        from .fed.engine import NothingTrained
+
+        if isinstance(e, NothingTrained):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return NOTHING_TRAINED_EXIT
         if isinstance(e, user_errors()):
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return USAGE_EXIT

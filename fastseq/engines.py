@@ -28,10 +28,21 @@ def _require(module: str, extra: str, engine: str) -> None:
 
 def run(cfg: ExperimentConfig, *, resume: bool = False, echo: Callable[[str], None] | None = None,
         **kwargs: Any) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` on the engine it names; returns the run's summary.
+    """Run (or resume) ``cfg`` on the engine it names; returns the run's summary. Raises
+    :class:`fastseq.fed.engine.NothingTrained` (after the run's files are written) when no round
+    aggregated a client update, on every engine.
 
     ``kwargs`` go to the engine's runner (e.g. ``hooks``/``client_factory`` for local,
     ``superlink``/``timeout`` for flower, ``ray_init_args`` for flower-sim)."""
+    from .fed.engine import check_trained
+
+    summary = _run_engine(cfg, resume, echo, kwargs)
+    check_trained(summary)
+    return summary
+
+
+def _run_engine(cfg: ExperimentConfig, resume: bool, echo: Callable[[str], None] | None,
+                kwargs: dict[str, Any]) -> dict[str, Any]:
     kw = dict(kwargs)
     if echo is not None:
         kw["echo"] = echo

@@ -359,6 +359,12 @@ def run_step(name: str, work: Path, out: Path, dry: bool) -> int:
     st = Step(name, work, out, dry)
     try:
         STEP_FUNCTIONS[name](st)
+        # ok only if everything inside the step ran: a step whose units failed measured less than it says
+        failed = [u for u, r in st.result["units"].items() if r["status"] != "ok"]
+        if failed:
+            st.result.update(status="failed", error=f"{len(failed)} of {len(st.result['units'])} units failed: "
+                                                    + ", ".join(failed))
+            return 1
         st.result["status"] = "ok"
         return 0
     except KeyboardInterrupt:

@@ -38,7 +38,8 @@ def _judge(value, target, direction):
 
 def goals(results: dict) -> list[dict]:
     """Each goal with the worst measured value (speed: the slowest block; memory: the best
-    level), whether it is met (None: not measured) and the per-case values."""
+    level), whether it is met (None: not measured, as every goal of a dry run) and the per-case
+    values (a dry run keeps them, for the record only)."""
     sweep = _rows(results, "sweep")
     by = {}
     for r in sweep:
@@ -74,6 +75,8 @@ def goals(results: dict) -> list[dict]:
             else:
                 value = min(cases.values())  # the slowest / least efficient case decides
             name = key if variant is None else f"{key}[{variant}]"
+            if results["meta"]["dry_run"]:  # CPU and the interpreter measure nothing a goal is about
+                value = None
             out.append(dict(key=name, goal=text + (f", SCL {variant}" if variant else ""), target=target,
                             direction=direction, value=value, met=_judge(value, target, direction), cases=cases))
     return out

@@ -259,17 +259,17 @@ def test_scale_clients_smoke(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_side_by_side_flower_smoke(tmp_path):
-    """Both arms run (fastseq's local engine and a plain Flower + PEFT simulation), in their own
-    process trees; the Flower arm uses the LoRA the fastseq arm resolved, and its tree holds Ray's
-    processes (more than one)."""
+    """The three arms run (fastseq's local engine sequential and with 2 workers, and a plain Flower
+    + PEFT simulation), in their own process trees; the Flower arm uses the LoRA the fastseq arm
+    resolved, and its tree holds Ray's processes (more than one); the workers arm forks its workers."""
     pytest.importorskip("ray")
     pytest.importorskip("psutil")
     sbs = _load("benchmarks/side_by_side_flower.py")
-    res = sbs.main(["--smoke", "--out-dir", str(tmp_path)])
+    res = sbs.main(["--smoke", "--out-dir", str(tmp_path), "--workers", "2"])
     stem = tmp_path / "side_by_side_flower_smoke"
     rows = _csv(f"{stem}.csv")
     doc = json.loads(Path(f"{stem}.json").read_text())
-    assert [r["arm"] for r in rows] == [r["arm"] for r in doc["rows"]] == ["fastseq", "flower"]
+    assert [r["arm"] for r in rows] == [r["arm"] for r in doc["rows"]] == ["fastseq", "fastseq-2w", "flower"]
     assert Path(f"{stem}.png").stat().st_size > 0 and "| flower |" in Path(f"{stem}.md").read_text()
     spec = doc["spec"]
     assert spec["lora_targets"] and spec["lora_r"] == 4 and spec["clients"] == 3
@@ -278,9 +278,12 @@ def test_side_by_side_flower_smoke(tmp_path):
         for k in ("round_s_mean", "process_wall_s", "peak_rss_mb", "peak_pss_mb", "cpu_s"):
             assert _finite(r[k]) and r[k] > 0, (r["arm"], k)
         assert 0 <= r["accuracy_final"] <= 1 and r["git_commit"] and r["flwr"]
-    fast, flower = doc["rows"]
+    fast, par, flower = doc["rows"]
     assert fast["peak_processes"] == 1 and flower["peak_processes"] > 2  # Ray's GCS, raylet, actors
+    assert par["peak_processes"] == 3  # the engine and its 2 workers
+    assert fast["accuracy"] == par["accuracy"]  # the same run, bit for bit
     assert doc["ratios"]["peak PSS"] == pytest.approx(flower["peak_pss_mb"] / fast["peak_pss_mb"])
+    assert doc["ratios"]["workers peak PSS / sequential"] == pytest.approx(par["peak_pss_mb"] / fast["peak_pss_mb"])
     assert res["ratios"] == doc["ratios"]
 
 

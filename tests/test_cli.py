@@ -61,13 +61,72 @@ def test_cli_errors(tmp_path, capsys):
 def test_flower_engine_is_dispatched(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(fastseq.flower, "run_flower", 
-                        lambda cfg, resume=False: seen.update(cfg=cfg, resume=resume), raising=False)
+                        lambda cfg, resume=False: seen.update(cfg=cfg, resume=resume) or {}, raising=False)
     assert main(["run", "--engine", "flower", "--model", "tiny-llama", "--task", "synthetic",
                  "--deepspeed", '{"zero_stage": 1}', "--out", str(tmp_path / "f")]) == 0
     assert seen["cfg"].engine == "flower" and seen["cfg"].model == "tiny-llama"
     assert seen["cfg"].deepspeed == {"zero_stage": 1} and seen["resume"] is False
     args = build_parser().parse_args(["run", "--engine", "flower"])
     assert args.engine == "flower"
+
+
+@pytest.mark.parametrize("method,variant,lr", [
+    ("fedavg-lora", [], 1e-3), ("ffa-lora", [], 3e-3), ("fedsa-lora", [], 3e-3), ("fedex-lora", [], 1e-3),
+    ("scl", [], 1e-2), ("scl", ["--scl-train-compress"], 1e-3),
+    ("scl", ["--scl-placement", "residual", "--scl-train-compress"], 3e-3)])
+def test_each_method_defaults_to_its_study_chosen_lr_and_config_json_records_it(tmp_path, method, variant, lr):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML.replace("lr = 1e-2\n", ""))
+    out = tmp_path / "r"
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--method", method, *variant, "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr"] == lr and saved["head_lr"] == 1e-2
+    explicit = tmp_path / "explicit"
+    assert main(["run", "--config", str(cfg), "--rounds", "1", "--method", method, *variant, "--lr", "0.02",
+                 "--out", str(explicit)]) == 0
+    assert json.loads((explicit / "config.json").read_text())["lr"] == 0.02  # an explicit --lr wins
+
+
+def test_help_shows_each_methods_default_lr(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "fedavg-lora 0.001" in text and "ffa-lora 0.003" in text and "scl 0.01" in text
+
+
+def test_a_run_that_trained_nothing_exits_4_with_the_clients_reasons(tmp_path, monkeypatch, capsys):
+    from fastseq.fed.client import Client
+
+    def fit(self, downlink_blob, round, attack=None):
+        raise RuntimeError(f"CUDA out of memory on client {self.client_id} (simulated)")
+
+    monkeypatch.setattr(Client, "fit", fit)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML)
+    out = tmp_path / "nothing"
+    assert main(["run", "--config", str(cfg), "--rounds", "2", "--out", str(out)]) == 4
+    captured = capsys.readouterr()
+    assert "WARNING round 1: every sampled client was dropped" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "trained nothing" in err[0] and "CUDA out of memory on client" in err[0], err
+    summary = json.loads((out / "summary.json").read_text())  # the run's files are kept, and say so
+    assert summary["aggregated_rounds"] == 0 and summary["failure"]
+
+
+@pytest.mark.parametrize("engine", ["local", "flower", "flower-sim"])
+def test_every_engine_fails_a_run_without_an_aggregated_round(engine, monkeypatch):
+    """engines.run checks the summary every engine writes (run_flower and the simulation read
+    the ServerApp's summary.json, which the embedded round loop wrote)."""
+    import fastseq.engines
+    from fastseq.fed.engine import NothingTrained
+    from fastseq.fed.experiment import ExperimentConfig
+
+    failed = {"out": "runs/x", "rounds": 3, "aggregated_rounds": 0, "failure": ["client 0: ImportError: boom"]}
+    monkeypatch.setattr(fastseq.engines, "_run_engine", lambda cfg, resume, echo, kw: dict(failed))
+    with pytest.raises(NothingTrained, match="no round of 3 aggregated.*client 0: ImportError: boom"):
+        fastseq.engines.run(ExperimentConfig(engine=engine))
+    monkeypatch.setattr(fastseq.engines, "_run_engine", lambda cfg, resume, echo, kw: {**failed, "aggregated_rounds": 1})
+    assert fastseq.engines.run(ExperimentConfig(engine=engine))["aggregated_rounds"] == 1
 
 
 def test_flower_engine_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -90,6 +149,20 @@ def test_topk_flag_is_a_fraction_or_a_count():
         cfg = ExperimentConfig(codec="int8", topk=topk)
         back, _ = from_run_config(to_run_config(cfg))
         assert back.topk == topk and type(back.topk) is type(topk)
+
+
+def test_the_written_out_default_config_is_the_embedded_default():
+    """configs/minilm-bbc-news.yaml says it is `fastseq run` with no arguments: every key it sets
+    has the default's value, and without an `lr` it leaves each method its own."""
+    from pathlib import Path
+
+    from fastseq.fed.experiment import ExperimentConfig, load_config_file
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "minilm-bbc-news.yaml"
+    written = load_config_file(path)
+    default = ExperimentConfig().to_dict()
+    assert {k: v for k, v in written.items()} == {k: default[k] for k in written}
+    assert ExperimentConfig.from_dict({**written, "method": "ffa-lora"}).lr == 3e-3
 
 
 # --- exit codes, --help, third-party banners -------------------------------------------------
@@ -121,7 +194,8 @@ def test_exit_codes_are_documented_in_help_and_readme(capsys):
         text = _help(argv, capsys)
         assert "exit codes:" in text, argv
         for code, meaning in (("0", "success"), ("1", "internal error"), ("2", "user error"),
-                              ("3", "fastseq plan: nothing fits"), ("130", "interrupted")):
+                              ("3", "fastseq plan: nothing fits"), ("4", "no round aggregated"),
+                              ("130", "interrupted")):
             assert f"  {code}  " in text and meaning in text, (argv, code)
             assert f"| `{code}` |" in readme, code
 
@@ -133,7 +207,7 @@ def test_run_help_shows_the_real_defaults(capsys):
     text = " ".join(_help(["run"], capsys).split())
     d = ExperimentConfig()
     for shown in (f"federated rounds (default: {d.rounds})", f"number of clients (default: {d.clients})",
-                  f"client AdamW learning rate (default: {d.lr})", f"(default: {d.model})",
+                  f"(default: {d.model})",
                   f"fedex-lora (default: {d.method})", f"iid | dirichlet | pathological (default: {d.partition})",
                   f"max tokens per text example (default: {d.max_length})", "(default: off: dense)",
                   "cap the dataset size (default: all)", "per-client error feedback on the uplink (default: off)"):

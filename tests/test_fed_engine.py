@@ -135,6 +135,28 @@ def test_failing_and_nan_clients_are_dropped(tmp_path):
     assert math.isfinite(rec["accuracy"])
 
 
+def test_a_round_that_drops_every_client_says_so_and_the_run_records_it(tmp_path):
+    """Round 1: every client fails; round 2 trains. The run counts one aggregated round."""
+    logs = []
+
+    class FailsInRoundOne(Client):
+        def fit(self, downlink_blob, round):
+            if round == 1:
+                raise RuntimeError(f"no GPU memory left on {self.client_id} (simulated)")
+            return super().fit(downlink_blob, round)
+
+    def factory(cfg, rt, cid, state_dir):
+        c = build_client(cfg, rt, cid, state_dir)
+        return FailsInRoundOne(c.client_id, rt, c.examples, c.train_cfg, state_dir)
+
+    summary = run_experiment(_cfg(tmp_path, rounds=2), client_factory=factory, echo=logs.append)
+    warned = [line for line in logs if line.startswith("WARNING round")]
+    assert len(warned) == 1 and warned[0].startswith("WARNING round 1: every sampled client was dropped")
+    assert "no GPU memory left on" in warned[0]
+    assert _history(summary["out"])[1]["skipped"] is True
+    assert summary["aggregated_rounds"] == 1 and "failure" not in summary
+
+
 def test_int8_error_feedback_uses_fewer_uplink_bytes(tmp_path):
     none = run_experiment(_cfg(tmp_path, "none", rounds=1), echo=lambda s: None)
     int8 = run_experiment(_cfg(tmp_path, "int8", rounds=1, codec="int8", error_feedback=True), echo=lambda s: None)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from fastseq.comm import DownlinkState, decode
 from fastseq.config import ConfigError
 from fastseq.fed.client import Client
-from fastseq.fed.engine import ClientPool, Hooks, run_experiment
+from fastseq.fed.engine import Hooks, run_experiment
+from fastseq.fed.rounds import ClientPool
 from fastseq.fed.experiment import ExperimentConfig, build_client
 from fastseq.fed.state_store import KnownStore, VersionedFiles, tree_bytes
 

@@ -105,6 +105,56 @@ def test_personalised_method_scores_validation_too(tmp_path):
     run_experiment(cfg, echo=lambda s: None)
     hist = _history(cfg.out)
     assert hist[-1]["personalized"] and "val_accuracy" in hist[-1] and "accuracy" in hist[-1]
+    assert "global_accuracy" in hist[-1]  # the personal models on the global test set, beside their own
+
+
+def test_personalised_evaluation_uses_each_clients_own_distribution(tmp_path):
+    """FedSA-LoRA's authors score each client on its local distribution: the client's own held-out
+    examples and a test split drawn with its label proportions; the global test set beside it."""
+    from collections import Counter
+
+    cfg = _cfg(tmp_path, method="fedsa-lora", validation_fraction=0.2, partition="dirichlet", alpha=0.2,
+               max_examples=160)
+    rt = build_runtime(cfg, echo=lambda s: None)
+    keys, test_keys = rt.data.partition_keys, rt.data.test_partition_keys
+    assert test_keys is not None and len(test_keys) == len(rt.data.test)
+    n_test = len(rt.eval_examples)
+    own_sizes = 0
+    for cid in range(cfg.clients):
+        val, test = rt.own_examples(str(cid))
+        assert val == [rt.data.train[i] for i in rt.val_parts[cid]] and val  # its own held-out examples
+        mine = Counter(keys[i] for i in rt.parts[cid] + rt.val_parts[cid])
+        got = Counter(e["label"] for e in test)
+        assert set(got) <= set(mine)  # never a label the client does not have
+        top = mine.most_common(1)[0][0]
+        assert got[top] == max(got.values())  # its commonest label is its test split's commonest
+        assert rt.own_examples(str(cid))[1] is test  # drawn once (seeded), the same every round
+        own_sizes += len(test)
+    assert abs(own_sizes - n_test) <= cfg.clients  # the test set's size, shared by the clients' data sizes
+    # evaluate(client=...) scores the own split, and the global test set as global_<metric>
+    ev = rt.evaluate(0, client="0")
+    val, test = rt.own_examples("0")
+    want = rt.task.evaluate(rt.model, test, rt.processor, batch_size=cfg.eval_batch_size)
+    assert ev["accuracy"] == want["accuracy"]
+    assert ev["global_accuracy"] == rt.evaluate(0)["accuracy"]
+
+
+def test_client_test_split_follows_the_key_proportions():
+    from fastseq.fed.experiment import client_test_indices
+
+    test_keys = [0] * 50 + [1] * 50 + [2] * 3
+    idx = client_test_indices([0] * 6 + [1] * 3 + [2] * 1, test_keys, 20, seed=7)
+    assert len(idx) == len(set(idx)) == 20  # 12 + 6 + 2, without replacement
+    assert [test_keys[i] for i in idx].count(0) == 12 and [test_keys[i] for i in idx].count(1) == 6
+    odd = client_test_indices([0] * 1 + [1] * 1 + [2] * 1, test_keys, 4, seed=0)  # 4/3 each: largest remainder
+    assert len(odd) == 4
+    assert idx == client_test_indices([0] * 6 + [1] * 3 + [2] * 1, test_keys, 20, seed=7)  # seeded
+    assert idx != client_test_indices([0] * 6 + [1] * 3 + [2] * 1, test_keys, 20, seed=8)
+    few = client_test_indices([2] * 5, test_keys, 10, seed=0)  # more asked than the test set holds
+    assert sorted(few) == [100, 101, 102]
+    # keys the test set lacks do not count: the share goes to the keys it has; none of them: empty
+    assert [test_keys[i] for i in client_test_indices([0] + [9] * 9, test_keys, 4, seed=0)] == [0] * 4
+    assert client_test_indices([9] * 3, test_keys, 4, seed=0) == []
 
 
 def test_head_and_compress_learning_rates(tmp_path):

@@ -43,7 +43,8 @@ class TaskData:
     """What ``Task.load`` returns.
 
     ``partition_keys`` has one hashable per train example (its label or category), for the
-    non-IID partitioners. ``label_names`` is the list of class names (index = label id) for
+    non-IID partitioners (``test_partition_keys``, optional, the same for each test example: a
+    client's own test split for personalised evaluation). ``label_names`` is the list of class names (index = label id) for
     classification tasks and ``None`` for causal-lm tasks. ``info`` holds load statistics
     (e.g. ``skipped_images``, ``dropped_empty``, ``source``).
     """
@@ -53,6 +54,8 @@ class TaskData:
     partition_keys: list[Any]
     label_names: list[str] | None
     info: dict = field(default_factory=dict)
+    # the same key for each test example: a client's own test split follows its train keys
+    test_partition_keys: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.partition_keys) != len(self.train):
@@ -60,6 +63,9 @@ class TaskData:
                 f"TaskData has {len(self.train)} train examples but {len(self.partition_keys)} "
                 "partition keys; there must be exactly one key per train example."
             )
+        if self.test_partition_keys is not None and len(self.test_partition_keys) != len(self.test):
+            raise DataError(f"TaskData has {len(self.test)} test examples but {len(self.test_partition_keys)} test "
+                            "partition keys; there must be exactly one key per test example.")
 
     @property
     def num_labels(self) -> int | None:

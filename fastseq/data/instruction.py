@@ -105,7 +105,8 @@ class InstructionTask(Task):
             logger.info("%s: dropped %d rows with an empty question or answer.", source, dropped)
         train, test = finish_splits(train, test, seed, max_examples, source)
         return TaskData(train, test, [e["category"] for e in train], None,
-                        {"source": source, "dropped_empty": dropped})
+                        {"source": source, "dropped_empty": dropped},
+                        test_partition_keys=[e["category"] for e in test])
 
     # -- formatting ----------------------------------------------------------------------
     def prompt_text(self, question: str, tokenizer: Any) -> str:
@@ -368,4 +369,5 @@ class ChatterbotQATask(InstructionTask):
         if not examples:
             raise DataError(f"{path}: the YAML files hold no question/answer pairs.")
         train, test = finish_splits(examples, None, seed, max_examples, path)
-        return TaskData(train, test, [e["category"] for e in train], None, {"source": path})
+        return TaskData(train, test, [e["category"] for e in train], None, {"source": path},
+                        test_partition_keys=[e["category"] for e in test])

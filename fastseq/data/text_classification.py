@@ -148,7 +148,8 @@ class TextClassificationTask(Task):
         if test_rows is not None:
             test, _ = self._rows_to_examples(test_rows, f"{data_path} (test)", names)
         train, test = finish_splits(train, test, seed, max_examples, data_path, self.test_fraction)
-        return TaskData(train, test, [e["label"] for e in train], names, {"source": data_path})
+        return TaskData(train, test, [e["label"] for e in train], names, {"source": data_path},
+                        test_partition_keys=[e["label"] for e in test])
 
     # -- batches -------------------------------------------------------------------------
     def collate(self, examples: Sequence[dict], processor: Any) -> dict[str, torch.Tensor]:
@@ -226,7 +227,8 @@ class SyntheticTask(TextClassificationTask):
         rng.shuffle(examples)
         train, test = finish_splits(examples, None, seed, None, "synthetic", self.test_fraction)
         return TaskData(train, test, [e["label"] for e in train], [f"class_{k}" for k in range(c)],
-                        {"source": "generated", "vocab_size": self.vocab_size})
+                        {"source": "generated", "vocab_size": self.vocab_size},
+                        test_partition_keys=[e["label"] for e in test])
 
     def collate(self, examples: Sequence[dict], processor: Any = None) -> dict[str, torch.Tensor]:
         if not examples:
@@ -306,7 +308,8 @@ class BBCNewsTask(TextClassificationTask):
         if not examples:
             raise DataError(f"{path}: the label folders {labels} hold no .txt files.")
         train, test = finish_splits(examples, None, seed, max_examples, path, self.test_fraction)
-        return TaskData(train, test, [e["label"] for e in train], labels, {"source": path})
+        return TaskData(train, test, [e["label"] for e in train], labels, {"source": path},
+                        test_partition_keys=[e["label"] for e in test])
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,4 +357,5 @@ class ICD10Task(TextClassificationTask):
         index = {n: i for i, n in enumerate(names)}
         examples = [{"text": e["text"], "label": index[e["letter"]]} for e in examples]
         train, test = finish_splits(examples, None, seed, max_examples, source, self.test_fraction)
-        return TaskData(train, test, [e["label"] for e in train], names, {"source": source})
+        return TaskData(train, test, [e["label"] for e in train], names, {"source": source},
+                        test_partition_keys=[e["label"] for e in test])

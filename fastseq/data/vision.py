@@ -151,7 +151,8 @@ class ImageFolderTask(ImageClassificationTask):
                            root, len(skipped), skipped[0])
         train, test = finish_splits(train, test, seed, max_examples, root)
         return TaskData(train, test, [e["label"] for e in train], names,
-                        {"source": root, "skipped_images": len(skipped), "skipped_files": skipped})
+                        {"source": root, "skipped_images": len(skipped), "skipped_files": skipped},
+                        test_partition_keys=[e["label"] for e in test])
 
     @staticmethod
     def _classes(folder: str) -> list[str]:
@@ -190,7 +191,8 @@ class ImageFolderTask(ImageClassificationTask):
         test = convert(splits["test"]) if "test" in splits else None
         names = [str(i) for i in range(1 + max(e["label"] for e in train + (test or [])))]
         train, test = finish_splits(train, test, seed, max_examples, hub_id)
-        return TaskData(train, test, [e["label"] for e in train], names, {"source": hub_id, "skipped_images": 0})
+        return TaskData(train, test, [e["label"] for e in train], names, {"source": hub_id, "skipped_images": 0},
+                        test_partition_keys=[e["label"] for e in test])
 
     def _open(self, image: Any):
         Image = _pil()
@@ -253,7 +255,8 @@ class SyntheticImageTask(ImageClassificationTask):
         random.Random(seed).shuffle(examples)
         train, test = finish_splits(examples, None, seed, None, "synthetic-image")
         names = ["top_left", "top_right", "bottom_left", "bottom_right"]
-        return TaskData(train, test, [e["label"] for e in train], names, {"source": "generated"})
+        return TaskData(train, test, [e["label"] for e in train], names, {"source": "generated"},
+                        test_partition_keys=[e["label"] for e in test])
 
     def collate(self, examples: Sequence[dict], processor: Any = None) -> dict[str, torch.Tensor]:
         if not examples:

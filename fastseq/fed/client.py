@@ -286,12 +286,13 @@ class Client:
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:
-        """Evaluate with the client's own local state (personalised methods) on the validation
-        examples and, in test rounds, the test set (``Runtime.evaluate``)."""
+        """Evaluate with the client's own local state (personalised methods) on the client's own
+        validation examples and, in test rounds, its own test split and the global test set
+        (``Runtime.evaluate``)."""
         known, local, ef_state = self._receive(downlink_blob, round, round)
         self.rt.method.load(known)
         self.rt.method.load(local)
-        metrics = self.rt.evaluate(round)
+        metrics = self.rt.evaluate(round, client=self.client_id)
         # Only what the client holds changed (delta-coded downlink): nothing else to write.
         grew = self.save_state(round, known, local, ef_state) if self.keeps_known else 0
         return {**metrics, "state_bytes_delta": grew}

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import sys
-import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,13 +27,13 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..models import resolve_model_source
-from .attacks import Attack, hostile_clients
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
+from .rounds import ClientPool, RoundRunner
 from .run_lock import LOCK_NAME, RunLock, run_lock
+from .workers import resolve_workers
 from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
-log = logging.getLogger("fastseq.fed")
 
 CKPT_RE = re.compile(r"round_(\d+)")
 
@@ -89,7 +86,38 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus")
+                     "client_gpus", "workers")
+
+
+class NothingTrained(RuntimeError):
+    """A run finished its rounds without aggregating a single client update (every sampled
+    client was dropped, or too few were valid for ``min_clients``, in every round): its
+    adapter is the initial one. The message carries the clients' reasons."""
+
+
+def aggregated_rounds(history: list[dict]) -> int:
+    """How many training rounds (round >= 1) aggregated at least one update."""
+    return sum(1 for h in history if h.get("round", 0) >= 1 and not h.get("skipped", False))
+
+
+def drop_reasons(history: list[dict], most: int = 5) -> list[str]:
+    """The distinct reasons clients were dropped, newest round first, at most ``most``."""
+    seen: dict[str, str] = {}
+    for h in reversed(history):
+        for d in h.get("dropped", []):
+            seen.setdefault(str(d.get("reason")), str(d.get("client")))
+    return [f"client {c}: {reason}" for reason, c in list(seen.items())[:most]]
+
+
+def check_trained(summary: dict[str, Any]) -> None:
+    """Raise NothingTrained when ``summary`` (any engine's) records no aggregated round. A summary
+    without the count (an engine whose outputs are on another machine) passes."""
+    if summary.get("aggregated_rounds", 1) > 0 or not summary.get("rounds"):
+        return
+    reasons = summary.get("failure") or ["no client update was valid (see metrics.jsonl)"]
+    raise NothingTrained(f"the run in {summary.get('out')} trained nothing: no round of {summary['rounds']} "
+                         f"aggregated a client update; the adapter is the initial one. Clients' reasons: "
+                         + "; ".join(reasons))
 
 
 class AlreadyFinished(ConfigError):
@@ -134,9 +162,10 @@ def check_resume(cfg: ExperimentConfig, out: Path) -> Path:
     saved = read_run_config(out)
     now = json.loads(json.dumps(cfg.to_dict()))  # compared as config.json holds it (tuples are lists)
     # A key config.json lacks (a run from before the key existed, or an edited file) ran with its
-    # default: a config that sets it otherwise is a change too.
-    defaults = json.loads(json.dumps(ExperimentConfig().to_dict()))
-    was = {k: saved.get(k, defaults[k]) for k in ExperimentConfig.keys()}
+    # default, as the keys it has imply it (lr: the method's): a config that sets it otherwise is
+    # a change too.
+    was = json.loads(json.dumps(ExperimentConfig(**{k: saved[k] for k in ExperimentConfig.keys() if k in saved})
+                                .to_dict()))
     changed = [k for k in ExperimentConfig.keys() if k not in RESUME_MAY_CHANGE and was[k] != now[k]]
     if changed:
         diffs = ", ".join(f"{k} {was[k]!r}{'' if k in saved else ' (the default)'} -> {now[k]!r}" for k in changed)
@@ -338,50 +367,6 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
                 return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
 
 
-class ClientPool:
-    """The run's clients, built when a round first needs them (a run of 1,000 clients never holds
-    1,000 of them): a client object holds its example list and the path of its state, no tensors;
-    its state stays on disk until it fits or evaluates. The newest ``cache`` clients are kept.
-
-    A client is told to ``discard_after(floor)`` (the resumed round, -1 for a fresh run) once per
-    process, when first built: a proxy for a remote client sends that with its next message, and a
-    second time would drop state written since. ``_discarded`` holds ids only."""
-
-    def __init__(self, make: Callable[[str], Any], floor: int, cache: int):
-        self.make, self.floor, self.cache = make, floor, max(1, cache)
-        self._built: OrderedDict[str, Any] = OrderedDict()
-        self._discarded: set[str] = set()
-
-    def __getitem__(self, cid: str) -> Any:
-        cid = str(cid)
-        c = self._built.get(cid)
-        if c is None:
-            c = self.make(cid)
-            if cid not in self._discarded:
-                c.discard_after(self.floor)
-                self._discarded.add(cid)
-            self._built[cid] = c
-            while len(self._built) > self.cache:
-                self._built.popitem(last=False)
-        else:
-            self._built.move_to_end(cid)
-        return c
-
-    def built(self) -> int:
-        """How many client objects are held now (tests check it stays bounded)."""
-        return len(self._built)
-
-    def state_files(self, round: int, cids) -> list:
-        """The state files these clients wrote, as of ``round`` (remote proxies: none here)."""
-        return [getattr(self[cid], "state_file", lambda r: None)(round) for cid in cids]
-
-    def commit(self, round: int, cids) -> None:
-        for cid in cids:
-            commit = getattr(self[cid], "commit", None)  # remote proxies keep their nodes' versions
-            if commit is not None:
-                commit(round)
-
-
 def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
                 client_factory: Callable | None, echo: Callable[[str], None]) -> dict[str, Any]:
     progress = show_progress(cfg)
@@ -416,6 +401,24 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         return c
 
     clients = ClientPool(build, floor, cfg.clients_per_round + n_eval)
+    # Remote clients (Flower's) train on their own machines; SecAgg+ is theirs too.
+    # A DeepSpeed client owns its devices: one at a time.
+    in_process = (not cfg.secagg and cfg.deepspeed is None
+                  and getattr(type(clients["0"]), "fit_many", None) is None)
+    workers, threads = resolve_workers(cfg.workers, cfg.clients_per_round, rt.device.type) if in_process else (1, 1)
+    if workers > 1:
+        echo(f"workers: {workers} processes share the backbone, {threads} torch thread(s) each")
+    runner = RoundRunner(cfg, server, clients, personalized=personalized, progress=progress, echo=echo,
+                         workers=workers, threads=threads, build=build)
+    try:
+        _rounds_loop(cfg, runner, server, clients, out, ckpt, metrics_path, hooks, echo, progress)
+    finally:
+        runner.close()  # no worker outlives the run, whatever ended it
+    return finish(cfg, rt, server, out, echo)
+
+
+def _rounds_loop(cfg: ExperimentConfig, runner: RoundRunner, server, clients: ClientPool, out: Path,
+                 ckpt: Path | None, metrics_path: Path, hooks: Hooks, echo, progress: bool) -> None:
     if ckpt is not None:
         _write_metrics(metrics_path, server.history)
         echo(f"resumed from {ckpt} (round {server.round})")
@@ -423,70 +426,18 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         last = server.history[-1] if server.history else {}
         # the clients' state size as of the checkpoint (a run from before the field: one walk)
         state_bytes = last.get("client_state_bytes")
-        if state_bytes is None:
-            state_bytes = tree_bytes(out / "clients")
+        runner.state_bytes = tree_bytes(out / "clients") if state_bytes is None else state_bytes
     else:
-        t0 = time.time()
-        ev = server.evaluate(0)
-        state_bytes = 0
-        rec0 = {"round": 0, "method": cfg.method, "train_loss": None, "clients": [], "dropped": [],
-                "uplink_bytes": 0, "downlink_bytes": 0, "examples": 0, "skipped": False, **ev,
-                **server.privacy_metrics(0), "seconds": time.time() - t0, "client_state_bytes": 0,
-                "server_state_bytes": server.state_bytes}
+        rec0 = runner.initial()
         server.finish_round(rec0)
         save_checkpoint(out, server, 0)
         _write_metrics(metrics_path, server.history)
         echo(_line(rec0))
         start = 1
 
-    rounds = range(start, cfg.rounds + 1)
-    for r in tqdm(rounds, desc="rounds", disable=not progress, initial=start - 1, total=cfg.rounds):
-        t0 = time.time()
-        plan = server.configure_round(r)
-        hostile = hostile_clients([cid for cid, _ in plan], cfg.byzantine, cfg.seed, r)
-        attack = Attack(cfg.attack, cfg.attack_scale, cfg.seed) if hostile else None
-        if cfg.secagg:
-            rec, client_metrics = secure_round(server, clients, plan, r)
-        else:
-            results, failures, client_metrics = [], [], {}
-            for (cid, _), outcome in zip(plan, fit_clients(clients, plan, r, progress, hostile, attack)):
-                if isinstance(outcome, Exception):  # a failing client is dropped; the round goes on
-                    failures.append((cid, f"{type(outcome).__name__}: {outcome}"))
-                else:
-                    results.append((cid, outcome[0]))
-                    client_metrics[cid] = outcome[1]
-            rec = server.aggregate(r, results, failures)
-        train_seconds = sum(float(m.get("train_seconds") or 0) for m in client_metrics.values())
-        state_bytes += sum(int(m.get("state_bytes_delta") or 0) for m in client_metrics.values())
-        if cfg.byzantine > 0:
-            rec["hostile"] = hostile
-        down_before = server.bytes.summary(r)["downlink_bytes"]
-        t_eval = time.time()
-        touched = [cid for cid, _ in plan]
-        if personalized:
-            evs, evaluated = [], []
-            for cid, down in tqdm(server.configure_evaluate(r), desc=f"round {r} eval", leave=False,
-                                  disable=not progress):
-                m = dict(clients[cid].evaluate(down, r))
-                state_bytes += int(m.pop("state_bytes_delta", 0) or 0)
-                evs.append(m)
-                evaluated.append(cid)
-            ev = {k: sum(e[k] for e in evs) / len(evs) for k in evs[0] if isinstance(evs[0][k], (int, float))}
-            ev["personalized"] = True
-            if "accuracy" in evs[0]:
-                ev["per_client_accuracy"] = [e.get("accuracy") for e in evs]
-            ev["eval_clients"] = evaluated  # which clients' own state was scored (personal_eval_clients)
-            rec["eval_downlink_bytes"] = server.bytes.summary(r)["downlink_bytes"] - down_before
-            touched += sorted(set(evaluated) - set(touched), key=int)
-        else:
-            ev = server.evaluate(r)
-        rec.update(ev)
-        rec["eval_seconds"] = time.time() - t_eval
-        rec["train_seconds"] = train_seconds
-        rec["client_train_loss"] = {c: m["train_loss"] for c, m in client_metrics.items()}
-        rec["client_state_bytes"] = state_bytes
-        rec["server_state_bytes"] = server.state_bytes
-        rec["seconds"] = time.time() - t0
+    for r in tqdm(range(start, cfg.rounds + 1), desc="rounds", disable=not progress, initial=start - 1,
+                  total=cfg.rounds):
+        rec, touched = runner.run(r)
         server.finish_round(rec)
         # The round's state files reach the disk before the checkpoint that relies on them.
         fsync_files(clients.state_files(r, touched) + server.state_files(r, touched))
@@ -497,43 +448,6 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
         _write_metrics(metrics_path, server.history)
         echo(_line(rec))
         hooks.on_round_end(r, rec)
-
-    return finish(cfg, rt, server, out, echo)
-
-
-def fit_clients(clients: "ClientPool | dict", plan: list[tuple[str, bytes]], round: int, progress: bool,
-                hostile: list[str] = (), attack: Attack | None = None) -> list:
-    """One round's fits, in plan order: ``(uplink_blob, metrics)`` or the client's exception.
-
-    Clients whose class offers ``fit_many`` (Flower's remote clients) get all their fits sent
-    at once, so they train concurrently; in-process clients share one model and go in turn.
-    The ``hostile`` clients fit with ``attack`` (simulated in process only).
-    """
-    fit_many = getattr(type(clients[plan[0][0]]), "fit_many", None) if plan else None
-    if fit_many is not None:
-        if hostile:
-            raise ConfigError("byzantine clients are simulated by the local engine only; use --engine local")
-        return fit_many([(clients[cid], down) for cid, down in plan], round)
-    outcomes: list = []
-    for cid, down in tqdm(plan, desc=f"round {round} clients", leave=False, disable=not progress):
-        try:
-            kw = {"attack": attack} if cid in hostile else {}
-            outcomes.append(clients[cid].fit(down, round, **kw))
-        except Exception as e:
-            log.debug("client %s failed", cid, exc_info=True)
-            outcomes.append(e)
-    return outcomes
-
-
-def secure_round(server, clients: dict, plan: list[tuple[str, bytes]], round: int) -> tuple[dict, dict]:
-    """A round under secure aggregation: the clients' class runs the protocol (``secure_sum``:
-    Flower's SecAgg+ in :mod:`fastseq.flower.secagg`) and the server learns only the weighted
-    mean of the deltas. Returns (round record, per-client training metrics)."""
-    secure_sum = getattr(type(clients[plan[0][0]]), "secure_sum", None) if plan else None
-    if secure_sum is None:
-        raise ConfigError("secure aggregation needs clients that run the SecAgg+ protocol: use --engine flower")
-    result = secure_sum([(clients[cid], down) for cid, down in plan], round)
-    return server.aggregate_secure(round, result), result.metrics
 
 
 def _line(rec: dict) -> str:
@@ -584,7 +498,11 @@ def finish(cfg: ExperimentConfig, rt, server, out: Path, echo) -> dict[str, Any]
         "server_state_bytes": hist[-1].get("server_state_bytes", 0),
         "train_seconds": float(sum(h.get("train_seconds") or 0 for h in hist)),
         "eval_seconds": float(sum(h.get("eval_seconds") or 0 for h in hist)),
+        "aggregated_rounds": aggregated_rounds(hist),
     }
+    if summary["aggregated_rounds"] == 0 and summary["rounds"] > 0:
+        summary["failure"] = drop_reasons(hist) or [
+            f"fewer than min_clients={cfg.min_clients} valid updates in every round"]
     if cfg.dp != "none":  # the privacy spent by the whole run (null: no noise, no guarantee)
         summary.update(dp=cfg.dp, epsilon=hist[-1].get("epsilon"), dp_delta=hist[-1].get("dp_delta"),
                        dp_noise=cfg.dp_noise)

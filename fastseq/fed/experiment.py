@@ -19,7 +19,7 @@ from ..config import ConfigError, unknown_keys_error
 from .aggregators import AGGREGATORS, trim_count
 from .attacks import ATTACKS
 from .client import Client, TrainConfig, derive_seed
-from .methods import Method, get_method, list_methods
+from .methods import Method, default_lr, get_method, list_methods
 from .partition import PARTITIONERS, format_histogram, partition
 from .privacy import DP_CLIPPING, DP_MODES, DPConfig, adaptive_noise_error
 from .server import Server, ServerConfig
@@ -86,7 +86,7 @@ class ExperimentConfig:
     min_client_size: int = 8
     local_steps: int = 10
     local_epochs: float | None = None
-    lr: float = 1e-2
+    lr: float | None = None             # None: the method's own default (methods.default_lr), resolved at once
     head_lr: float | None = 1e-2        # the task head's lr (None: lr)
     scl_compress_lr: float | None = None  # SCL's C's lr (None: lr)
     batch_size: int = 8
@@ -153,6 +153,18 @@ class ExperimentConfig:
     out: str | None = None
     # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
     progress: bool | None = None
+    # local engine: worker processes that train a round's clients in parallel on one shared
+    # backbone (fastseq.fed.workers); None: auto (CPU: one per core up to clients_per_round; GPU: 1)
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        # lr None is the method's own default, resolved here so that config.json records the lr
+        # the run used (an invalid method or placement is validate()'s to report)
+        if self.lr is None:
+            try:
+                self.lr = default_lr(self.method, self.scl_placement, self.scl_train_compress)
+            except (ConfigError, KeyError, TypeError):
+                pass
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -242,6 +254,12 @@ class ExperimentConfig:
         if v is not None and v < 1:
             raise ConfigError(f"personal_eval_clients must be null (all clients up to 20, else a seeded panel of 20) "
                               f"or an integer >= 1 (how many clients' own states are scored each round), got {v!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"workers must be null (auto) or an integer >= 1, got {self.workers!r}")
+        if self.workers is not None and self.workers > 1 and self.deepspeed is not None:
+            raise ConfigError("workers > 1 forks CPU processes; a DeepSpeed client owns its devices: use --workers 1 "
+                              "with --deepspeed")
         for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -510,18 +528,82 @@ class Runtime:
     initial_global: dict[str, torch.Tensor]
     eval_examples: list[dict]
     val_examples: list[dict] = field(default_factory=list)
+    # each client's held-out training indices (validation_split="clients"), for its own validation
+    val_parts: list[list[int]] | None = None
+    _own: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict, repr=False)
 
-    def evaluate(self, round: int | None = None) -> dict[str, Any]:
+    def evaluate(self, round: int | None = None, client: str | None = None) -> dict[str, Any]:
         """Score the model as it is now: ``val_<metric>`` on the validation examples, and the
-        test metrics when ``round`` is a test round (None: always)."""
+        test metrics when ``round`` is a test round (None: always).
+
+        With ``client`` (a personalised model), on that client's own distribution, as
+        FedSA-LoRA's authors evaluate: its own held-out examples and its own test split
+        (:func:`client_test_indices`); the global test set's score is reported beside it as
+        ``global_<metric>``."""
         out: dict[str, Any] = {}
         bs = self.cfg.eval_batch_size
-        if self.val_examples:
-            ev = self.task.evaluate(self.model, self.val_examples, self.processor, batch_size=bs)
+        val, test = self.own_examples(client) if client is not None else (self.val_examples, self.eval_examples)
+        if val:
+            ev = self.task.evaluate(self.model, val, self.processor, batch_size=bs)
             out.update({f"val_{k}": v for k, v in ev.items()})
         if round is None or is_test_round(self.cfg, round):
-            out.update(self.task.evaluate(self.model, self.eval_examples, self.processor, batch_size=bs))
+            out.update(self.task.evaluate(self.model, test, self.processor, batch_size=bs))
+            if client is not None:
+                ev = self.task.evaluate(self.model, self.eval_examples, self.processor, batch_size=bs)
+                out.update({f"global_{k}": v for k, v in ev.items()})
         return out
+
+    def own_examples(self, client: str) -> tuple[list[dict], list[dict]]:
+        """(validation, test) examples of ``client``'s own distribution: its held-out training
+        examples (the pooled validation set when the split is pooled) and its own test split (the
+        global test set when the task gives no test keys or the test set has none of the
+        client's)."""
+        if client not in self._own:
+            cid = int(client)
+            val = ([self.data.train[i] for i in self.val_parts[cid]] if self.val_parts is not None
+                   else self.val_examples)
+            test_keys = self.data.test_partition_keys
+            if test_keys is None:
+                test = self.eval_examples
+            else:
+                keys = self.data.partition_keys
+                part = self.parts[cid] + (self.val_parts[cid] if self.val_parts is not None else [])
+                n_train = sum(len(p) for p in self.parts) + sum(len(p) for p in self.val_parts or [])
+                n = max(1, round(len(self.eval_examples) * len(part) / n_train))
+                idx = client_test_indices([keys[i] for i in part], test_keys[:len(self.eval_examples)], n,
+                                          derive_seed(self.cfg.seed, "client-test", cid))
+                # none of its keys in the test set: the global test set is all there is to score it on
+                test = [self.eval_examples[i] for i in idx] or self.eval_examples
+            self._own[client] = (val, test)
+        return self._own[client]
+
+
+def client_test_indices(client_keys: list, test_keys: list, n: int, seed: int) -> list[int]:
+    """A client's own test split: about ``n`` test indices drawn without replacement (seeded)
+    with the key proportions of the client's training examples among the keys the test set has
+    (largest-remainder rounding; a key with fewer test examples than its share gives all it
+    has). Empty only when the test set has none of the client's keys."""
+    import random
+    from collections import Counter
+
+    by_key: dict[Any, list[int]] = {}
+    for i, k in enumerate(test_keys):
+        by_key.setdefault(k, []).append(i)
+    counts = Counter(k for k in client_keys if k in by_key)
+    total = sum(counts.values())
+    if total == 0:
+        return []
+    keys = sorted(counts, key=str)
+    exact = {k: n * counts[k] / total for k in keys}
+    take = {k: int(exact[k]) for k in keys}
+    for k in sorted(keys, key=lambda k: exact[k] - take[k], reverse=True)[:n - sum(take.values())]:
+        take[k] += 1
+    rng = random.Random(seed)
+    picked: list[int] = []
+    for k in keys:
+        pool = by_key.get(k, [])
+        picked += rng.sample(pool, min(take[k], len(pool)))
+    return sorted(picked)
 
 
 def is_test_round(cfg: ExperimentConfig, round: int) -> bool:
@@ -576,6 +658,9 @@ def check_environment(cfg: ExperimentConfig):
 
         check_accountant()
     device = resolve_device(cfg.device)
+    if cfg.workers is not None and cfg.workers > 1 and device.type != "cpu" and cfg.engine == "local":
+        raise ConfigError(f"--workers {cfg.workers} runs clients in forked CPU processes and a {device.type} device "
+                          f"cannot be forked; use --workers 1 (or auto) on a GPU, or --device cpu")
     check_model_source(cfg.model)
     if cfg.quantization != "none":
         from ..quant import check_device
@@ -613,8 +698,11 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     sub = partition([keys[i] for i in pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
                     classes_per_client=cfg.classes_per_client, seed=cfg.seed, min_size=cfg.min_client_size)
     parts = [[pool[i] for i in part] for part in sub]
+    val_parts = None
     if cfg.validation_fraction > 0 and cfg.validation_split == "clients":
+        held_parts = parts
         val_idx, parts = split_validation(cfg, len(keys), parts)
+        val_parts = [sorted(set(held) - set(kept)) for held, kept in zip(held_parts, parts)]
     echo(f"partition: {cfg.partition}" + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
          + f", {cfg.clients} clients, per-client key histogram:")
     # with 1,000 clients: 40 rows and the sizes of the rest, not 1,000 lines
@@ -631,7 +719,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
         echo(f"validation: {len(val_examples)} training examples held out ({cfg.validation_split}); "
              f"test: {len(eval_examples)} examples")
     return Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
-                   method.global_state(), eval_examples, val_examples)
+                   method.global_state(), eval_examples, val_examples, val_parts)
 
 
 def make_evaluator(rt: Runtime):

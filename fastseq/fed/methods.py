@@ -36,6 +36,27 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def default_lr(name: str, scl_placement: str = "parallel", scl_train_compress: bool = False) -> float:
+    """The lr a run of method ``name`` uses when none is given (see ``Method.default_lr``)."""
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
+    return _METHODS[name].lr_for(scl_placement, scl_train_compress)
+
+
+def default_lrs_text() -> str:
+    """The per-method default lrs in words (``fastseq run --help``)."""
+    parts = []
+    for name in list_methods():
+        cls = _METHODS[name]
+        if name == "scl":
+            v = SCLMethod.VARIANT_LRS
+            parts.append(f"scl {v[('parallel', False)]:g} (C frozen; {v[('parallel', True)]:g} parallel / "
+                         f"{v[('residual', True)]:g} residual with C trained)")
+        else:
+            parts.append(f"{name} {cls.default_lr:g}")
+    return ", ".join(parts)
+
+
 def get_method(name: str, **options: Any) -> "Method":
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
@@ -62,6 +83,15 @@ class Method(abc.ABC):
 
     name = ""
     personalized = False  # evaluate each client with its own local state
+    # The client lr a run uses when none is given: the one the accuracy study chose for the
+    # method on validation accuracy (MiniLM + BBC News; benchmarks/README.md). A method
+    # registered without one uses 1e-3.
+    default_lr = 1e-3
+
+    @classmethod
+    def lr_for(cls, scl_placement: str, scl_train_compress: bool) -> float:
+        """The default lr of this method (SCL's depends on its variant)."""
+        return cls.default_lr
 
     def __init__(self, r: int = 8, scl_scale: float = 1.0, scl_activation: str | None = None,
                  train_down_proj: bool = False, checkpoint_level: int = 1, lora_r: int | None = None,
@@ -183,6 +213,14 @@ class Method(abc.ABC):
 class SCLMethod(Method):
     """Sequential Compression Layers: share C, E (+ Wd with ``train_down_proj``) + head."""
 
+    # (placement, train_compress) -> lr: a frozen C trains at 1e-2; a trained C falls apart there
+    VARIANT_LRS = {("parallel", False): 1e-2, ("parallel", True): 1e-3, ("residual", False): 1e-2,
+                   ("residual", True): 3e-3}
+
+    @classmethod
+    def lr_for(cls, scl_placement: str, scl_train_compress: bool) -> float:
+        return cls.VARIANT_LRS[(scl_placement, bool(scl_train_compress))]
+
     def _inject(self, model, head_modules):
         cfg = self.scl_config()
         model = get_scl_model(model, cfg, trainable_modules=head_modules)
@@ -289,6 +327,7 @@ class FFALoRA(LoRAMethod):
     """FFA-LoRA: A frozen at its seeded random init (same on every client), B trained and shared."""
 
     freeze_A = True
+    default_lr = 3e-3
 
 
 @register_method("fedsa-lora")
@@ -296,6 +335,7 @@ class FedSALoRA(LoRAMethod):
     """FedSA-LoRA: A (+ head) shared, B kept local per client; personalised evaluation."""
 
     personalized = True
+    default_lr = 3e-3
 
     def shared_names(self):
         b = set(self.b_names())

@@ -1,0 +1,209 @@
+"""Worker processes that train a round's clients in parallel and share one frozen backbone.
+
+The local engine's backbone is loaded once; the workers are forked from the engine's process
+after that, so they see the backbone's tensors through copy-on-write pages that nobody writes
+(the backbone is frozen): it is shared, never copied. Each worker holds only the adapter and
+optimizer state of the client it is training. A worker gets ``(client id, round, downlink
+blob)`` and returns the client's encoded update blob and its metrics as JSON, over a pipe of
+its own (no pickle crosses it); the per-client state (local parameters, error feedback) stays
+in the client's files on disk, exactly as in the sequential engine, so the parent's checkpoint
+and commit logic is unchanged.
+
+A client's fit is seeded by (seed, round, client) and reloads every trainable tensor first, so
+its result does not depend on which process runs it: a run with workers is bit-identical to the
+sequential one at the same number of torch threads per client (tested). A worker that dies
+(killed, out of memory, a crash) fails only the client it was running, which is dropped with
+the reason; the next round forks a new one. No worker outlives the engine's process: each
+asks the kernel for SIGKILL when its parent dies, and :meth:`WorkerPool.close` ends them.
+
+CPU only: CUDA cannot be forked (``--workers`` > 1 on a GPU is refused; see docs/federated.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("fastseq.fed")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(requested: int | None, clients_per_round: int, device_type: str) -> tuple[int, int]:
+    """``(workers, torch threads per worker)``. ``requested`` None is auto: on a CPU as many
+    workers as the cores allow with at least one torch thread each, at most the clients per
+    round; on a GPU 1 (a single process keeps the device)."""
+    cores = usable_cores()
+    if requested is None:
+        n = 1 if device_type != "cpu" else max(1, min(clients_per_round, cores))
+    else:
+        n = max(1, min(requested, clients_per_round))
+    return n, max(1, cores // n)
+
+
+class ClientFailure(Exception):
+    """A client failed in a worker; ``str`` is the reason as the sequential engine words it."""
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Any
+    conn: Any  # the parent's end of the pipe
+    busy: str | None = None  # the client id it is training
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphaned workers)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[str, str, bytes, int, bool], tuple]):
+    """The body of a worker: serve requests until the parent closes the pipe."""
+    import torch
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for c in close_in_child:  # the other pipes' parent ends: only the parent may hold them
+        c.close()
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            header = json.loads(conn.recv_bytes())
+            blob = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            up, metrics = call(header["op"], header["client"], blob, header["round"], header["hostile"])
+            reply = {"ok": True, "metrics": metrics}
+        except Exception as e:  # the client failed: its reason, as the sequential engine words it
+            log.debug("client %s failed in a worker", header["client"], exc_info=True)
+            up, reply = b"", {"ok": False, "reason": f"{type(e).__name__}: {e}"}
+        except KeyboardInterrupt as e:  # raised by the client's own code: it stops the run, as in sequence
+            up, reply = b"", {"ok": False, "interrupt": True, "reason": f"{type(e).__name__}: {e}"}
+        conn.send_bytes(json.dumps(reply).encode())
+        conn.send_bytes(up)
+
+
+class WorkerPool:
+    """``n`` forked workers; ``call(op, client id, blob, round, hostile)`` runs in them: op
+    ``"fit"`` returns ``(uplink blob, metrics)``, op ``"evaluate"`` ``(b"", metrics)``."""
+
+    def __init__(self, n: int, threads: int, call: Callable[[str, str, bytes, int, bool], tuple]):
+        self.n, self.threads, self.call = n, threads, call
+        self._ctx = mp.get_context("fork")
+        self._workers: list[_Worker | None] = [None] * n
+        self.pids_started: list[int] = []  # every worker process this pool started (tests check they end)
+
+    def _start(self, i: int) -> _Worker:
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        others = [w.conn for w in self._workers if w is not None] + [parent_end]
+        p = self._ctx.Process(target=_worker_main, args=(child_end, others, self.threads, self.call),
+                              name=f"fastseq-worker-{i}", daemon=True)
+        p.start()
+        child_end.close()
+        self.pids_started.append(p.pid)
+        w = self._workers[i] = _Worker(i, p, parent_end)
+        return w
+
+    def _alive(self, i: int) -> _Worker:
+        w = self._workers[i]
+        if w is None or not w.process.is_alive():
+            if w is not None:
+                self._reap(w)
+            w = self._start(i)
+        return w
+
+    def _reap(self, w: _Worker) -> None:
+        w.conn.close()
+        w.process.join(timeout=5)
+        self._workers[w.index] = None
+
+    def run(self, op: str, jobs: list[tuple[str, bytes, bool]], round: int,
+            on_done: Callable[[str, int], None] | None = None) -> tuple[list, dict[str, int]]:
+        """Run ``op`` for every ``(client id, blob, hostile)`` in ``jobs``, each on the next free
+        worker. Returns the outcomes in job order (``(blob, metrics)`` or a ClientFailure) and
+        which worker ran each client."""
+        pending = list(range(len(jobs)))[::-1]
+        outcomes: list = [None] * len(jobs)
+        ran_on: dict[str, int] = {}
+        running: dict[int, int] = {}  # worker index -> job index
+        while pending or running:
+            for i in range(self.n):
+                if i in running or not pending:
+                    continue
+                w = self._alive(i)
+                j = pending.pop()
+                cid, blob, hostile = jobs[j]
+                try:
+                    w.conn.send_bytes(json.dumps({"op": op, "client": cid, "round": round,
+                                                  "hostile": bool(hostile)}).encode())
+                    w.conn.send_bytes(blob)
+                except (BrokenPipeError, OSError):
+                    pending.append(j)  # it died between rounds: a fresh one takes the job
+                    self._reap(w)
+                    continue
+                running[i] = j
+                ran_on[cid] = i
+            ready = mpc.wait([self._workers[i].conn for i in running] +
+                             [self._workers[i].process.sentinel for i in running])
+            for i in list(running):
+                w = self._workers[i]
+                if w.conn not in ready and w.process.sentinel not in ready:
+                    continue
+                j = running.pop(i)
+                cid = jobs[j][0]
+                try:
+                    reply = json.loads(w.conn.recv_bytes())
+                    up = w.conn.recv_bytes()
+                except (EOFError, OSError):
+                    w.process.join(timeout=5)
+                    code = w.process.exitcode
+                    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                    outcomes[j] = ClientFailure(f"WorkerDied: worker {i} (pid {w.process.pid}) died ({how}) while "
+                                                f"running client {cid}'s {op}; only this client's round is lost")
+                    self._reap(w)
+                else:
+                    if reply.get("interrupt"):
+                        raise KeyboardInterrupt(f"client {cid} in worker {i}: {reply['reason']}")
+                    outcomes[j] = ((up, reply["metrics"]) if reply["ok"] else ClientFailure(reply["reason"]))
+                if on_done is not None:
+                    on_done(cid, i)
+        return outcomes, ran_on
+
+    def close(self) -> None:
+        """End every worker (their pipes close; a worker that does not exit is killed)."""
+        for w in [w for w in self._workers if w is not None]:
+            w.conn.close()
+        deadline = time.monotonic() + 5
+        for w in [w for w in self._workers if w is not None]:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5)
+        self._workers = [None] * self.n
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,201 @@
+"""The local engine's worker processes (fastseq.fed.workers): a run with workers is bit-identical to
+the sequential one across the engine's features, a dying worker costs only its client's round,
+and no worker outlives the run (returned, failed, interrupted or killed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastseq.config import ConfigError
+from fastseq.fed.client import Client
+from fastseq.fed.engine import Hooks, run_experiment
+from fastseq.fed.experiment import ExperimentConfig, build_client, check_environment
+from fastseq.fed.workers import resolve_workers
+
+from fed_helpers import history, tiny_config
+
+TIMING = ("seconds", "eval_seconds", "train_seconds", "workers", "client_worker")
+QUIET = dict(echo=lambda s: None)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Bit-identity holds at the same torch threads per client: the sequential run gets one too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(out):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history(out)]
+
+
+def _tensors(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every safetensors file of a run (adapter, checkpoints, client and server state), by path."""
+    return {str(p.relative_to(out)): load_file(p) for p in sorted(out.rglob("*.safetensors"))}
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    assert _rows(a) == _rows(b)
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    for f in ta:
+        assert ta[f].keys() == tb[f].keys(), f
+        for k in ta[f]:
+            assert torch.equal(ta[f][k], tb[f][k]), (f, k)
+
+
+ENGINE_PID = os.getpid()  # a forked worker sees the same value and another os.getpid()
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture
+def no_new_processes():
+    """Whatever the test does, no process it started (a worker) is left when it ends."""
+    before = _children()
+    yield
+    deadline = time.monotonic() + 10
+    while _children() - before:
+        assert time.monotonic() < deadline, f"processes outlived the run: {_children() - before}"
+        time.sleep(0.05)
+
+
+CASES = {
+    "scl": dict(method="scl"),
+    "fedavg-lora": dict(method="fedavg-lora"),
+    "ffa-lora": dict(method="ffa-lora"),
+    "fedsa-lora": dict(method="fedsa-lora", validation_fraction=0.2),  # personalised evaluation in the workers
+    "fedex-lora": dict(method="fedex-lora"),
+    "int8+error-feedback+bf16-down": dict(method="scl", codec="int8", error_feedback=True, downlink_codec="bf16"),
+    "dp-local": dict(method="scl", dp="local", dp_clip=0.5, dp_noise=0.3),
+    "byzantine": dict(method="scl", byzantine=1, attack="sign-flip", aggregator="median"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_workers_are_bit_identical_to_the_sequential_engine(tmp_path, case, no_new_processes):
+    kw = {**dict(rounds=2, clients=4, clients_per_round=3, max_examples=96), **CASES[case]}
+    seq = run_experiment(tiny_config(tmp_path, "seq", workers=1, **kw), **QUIET)
+    par = run_experiment(tiny_config(tmp_path, "par", workers=2, **kw), **QUIET)
+    assert_bit_identical(Path(seq["out"]), Path(par["out"]))
+    rows = history(par["out"])
+    assert all(r["workers"] == 2 and set(r["client_worker"]) == set(r["clients"]) | {d["client"] for d in r["dropped"]}
+               for r in rows[1:])
+    assert {w for r in rows[1:] for w in r["client_worker"].values()} == {0, 1}  # both workers trained clients
+    assert "workers" not in history(seq["out"])[1]
+
+
+class DiesInRoundOne(Client):
+    """Client 1's process is SIGKILLed while it trains in round 1 (as the OOM killer would)."""
+
+    def fit(self, downlink_blob, round, attack=None):
+        if round == 1 and self.client_id == "1" and os.getpid() != ENGINE_PID:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().fit(downlink_blob, round)
+
+
+def test_a_killed_worker_costs_only_its_clients_round(tmp_path, no_new_processes):
+    cfg = tiny_config(tmp_path, "killed", workers=2, rounds=2, clients=3, clients_per_round=3)
+
+    def factory(cfg, rt, cid, state_dir):
+        c = build_client(cfg, rt, cid, state_dir)
+        return DiesInRoundOne(c.client_id, rt, c.examples, c.train_cfg, state_dir)
+
+    logs = []
+    summary = run_experiment(cfg, client_factory=factory, echo=logs.append)
+    r1, r2 = history(cfg.out)[1:]
+    assert r1["clients"] == ["0", "2"] and [d["client"] for d in r1["dropped"]] == ["1"]
+    reason = r1["dropped"][0]["reason"]
+    assert reason.startswith("WorkerDied: worker") and "killed by signal 9" in reason and "client 1" in reason
+    assert r2["clients"] == ["0", "1", "2"] and not r2["dropped"]  # the pool was restored for round 2
+    assert summary["aggregated_rounds"] == 2
+
+
+def test_ctrl_c_stops_every_worker_and_the_run_resumes_to_the_same_result(tmp_path, no_new_processes):
+    class Interrupt(Hooks):
+        def on_round_end(self, round, record):
+            if round == 1:
+                raise KeyboardInterrupt("Ctrl-C after round 1")
+
+    kw = dict(rounds=3, clients=4, clients_per_round=3, workers=2)
+    before = _children()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(tmp_path, "cut", **kw), hooks=Interrupt(), **QUIET)
+    assert not _children() - before  # stopped before the exception left the engine
+    run_experiment(tiny_config(tmp_path, "cut", **kw), resume=True, **QUIET)
+    full = run_experiment(tiny_config(tmp_path, "full", **kw), **QUIET)
+    assert _rows(tmp_path / "cut") == _rows(full["out"])
+    a, b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"), \
+        load_file(Path(full["out"]) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_of_the_run_takes_its_workers_along_and_resume_finishes_it(tmp_path):
+    """SIGKILL of the engine's process: its workers die with it (PR_SET_PDEATHSIG), and
+    `fastseq run --resume` finishes the run as an uninterrupted one would."""
+    out = tmp_path / "killed"
+    args = ["--model", "tiny-llama", "--task", "synthetic", "--max-examples", "80", "--rounds", "4", "--clients", "4",
+            "--clients-per-round", "3", "--local-steps", "100", "--r", "4", "--workers", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastseq", "run", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "round_1" / "server.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
+            time.sleep(0.05)
+        workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        assert workers, "the run has no worker processes"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
+        assert time.monotonic() < deadline, "a worker outlived the killed run"
+        time.sleep(0.1)
+    done = subprocess.run([sys.executable, "-m", "fastseq", "run", "--resume", str(out), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = tmp_path / "ref"
+    again = subprocess.run([sys.executable, "-m", "fastseq", "run", *args, "--out", str(ref)], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _rows(out) == _rows(ref)
+    assert json.loads((out / "summary.json").read_text())["final"] == json.loads((ref / "summary.json").read_text())["final"]
+
+
+def test_auto_workers_and_bad_values(monkeypatch):
+    monkeypatch.setattr("fastseq.fed.workers.usable_cores", lambda: 8)
+    assert resolve_workers(None, 3, "cpu") == (3, 2)       # capped by the clients per round
+    assert resolve_workers(None, 20, "cpu") == (8, 1)      # one per core
+    assert resolve_workers(None, 20, "cuda") == (1, 8)     # a GPU: one process keeps the device
+    assert resolve_workers(4, 2, "cpu") == (2, 4)          # never more workers than clients
+    monkeypatch.setattr("fastseq.fed.workers.usable_cores", lambda: 1)
+    assert resolve_workers(2, 3, "cpu") == (2, 1)          # at least one thread each
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="workers must be (null|an integer)"):
+            ExperimentConfig(workers=bad).validate()
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        ExperimentConfig(workers=2, deepspeed={"zero_stage": 1}).validate()
+
+
+def test_workers_on_a_gpu_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr("fastseq.fed.experiment.resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(ConfigError, match="cannot be forked; use --workers 1"):
+        check_environment(ExperimentConfig(model="tiny-llama", task="synthetic", workers=2))
