@@ -1,30 +1,35 @@
 """``fastseq run|compare|plan``.
 
 Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
-budgets, resume targets) as one line on stderr that names the problem and the fix, with exit
-code 2; an unexpected exception keeps its traceback and says it is a bug to report (exit 1).
-A run that finished without aggregating any client update exits 4 with the clients' reasons.
+budgets, resume targets, a run directory another process is writing) as one line on stderr
+that names the problem and the fix, with exit code 2; an unexpected exception keeps its
+traceback and says it is a bug to report (exit 1). A run that finished without aggregating
+any client update exits 4 with the clients' reasons. :mod:`fastseq.exit_codes` lists them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-USAGE_EXIT = 2      # a user error: the message says what to change
-BUG_EXIT = 1        # an unexpected exception: a bug in fastseq
-NOTHING_TRAINED_EXIT = 4  # `fastseq run`: no round aggregated a client update (the reasons are printed)
-INTERRUPT_EXIT = 130
+from .exit_codes import BUG_EXIT, EXIT_CODES, INTERRUPT_EXIT, NOTHING_TRAINED_EXIT, USAGE_EXIT
 
 
 class CLIError(Exception):
     """A user error found by the command line itself (flags, paths)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fastseq run``; the message says how to continue the run."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,8 +105,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                         "quantizing (2^22 levels)"),
     ("--dp", "dp", str, "client-level differential privacy: none | central (server clips + noises the mean) | "
                         "local (each client clips + noises its delta); see docs/privacy.md"),
-    ("--dp-clip", "dp_clip", float, "DP: L2 bound on each client's shared delta (adaptive: the initial bound, "
-                                    "default 0.1)"),
+    ("--dp-clip", "dp_clip", float, "DP: L2 bound on each client's shared delta (default: none, --dp central / "
+                                    "local needs one; adaptive clipping starts at 0.1)"),
     ("--dp-noise", "dp_noise", float, "DP: noise multiplier z (noise std z*clip/n on the mean; local: z*clip)"),
     ("--dp-delta", "dp_delta", float, "DP: the delta of (epsilon, delta) (default 1/clients)"),
     ("--dp-clipping", "dp_clipping", str, "DP: fixed | adaptive (central only, quantile-based, Andrew et al. 2021)"),
@@ -141,6 +146,46 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+# What a None default means, for --help (the others show their value).
+NONE_MEANS: dict[str, str] = {
+    "data_path": "the task's own data",
+    "max_examples": "all",
+    "eval_examples": "the whole test split",
+    "local_epochs": "off: --local-steps counts the local work",
+    "topk": "off: dense",
+    "norm_bound": "none, --aggregator norm-clip needs one",
+    "attack": "none",
+    "dtype": "as transformers loads the checkpoint (its saved dtype from transformers 5 on); tiny models "
+             "float32",
+    "deepspeed": "off: plain PyTorch",
+    "scl_train_compress": "off",
+    "secagg": "off",
+    "error_feedback": "off",
+}
+
+
+def _config_default(key: str) -> Any:
+    from .fed.experiment import ExperimentConfig
+
+    f = {f.name: f for f in dataclasses.fields(ExperimentConfig)}[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _with_default(key: str, text: str) -> str:
+    """``text`` + the run's real default for ``key`` (ExperimentConfig's), unless ``text`` says
+    it already; a None default in words (what None means), never "None"."""
+    if "default" in text:
+        return text
+    if key in NONE_MEANS:
+        return f"{text} (default: {NONE_MEANS[key]})"
+    value = _config_default(key)
+    if value is None:
+        raise ValueError(f"--help: say in NONE_MEANS what {key}=None means")
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"{text} (default: {value})"
+
+
 def _json_table(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -152,26 +197,33 @@ def _json_table(text: str) -> dict:
 
 
 def add_run_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", help="run a federated experiment",
-                       description="Run a federated experiment. With no arguments: MiniLM + SCL on bbc-news.")
+    p = sub.add_parser("run", help="run a federated experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a federated experiment. With no arguments: MiniLM + SCL on bbc-news.\n"
+                                   "The defaults shown are fastseq's; a --config file's values replace them and "
+                                   "flags override both.",
+                       epilog=EXIT_CODES)
     p.add_argument("--config", help="a .toml / .yaml / .json config file (flags override it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round (its "
+                                                   "config.json gives the defaults)")
     from .fed.methods import default_lrs_text
 
     for flag, key, typ, hlp in RUN_FLAGS:
-        p.add_argument(flag, dest=key, type=typ, default=None, help=hlp.replace("{default_lrs}", default_lrs_text()))
+        p.add_argument(flag, dest=key, type=typ, default=None,
+                       help=_with_default(key, hlp.replace("{default_lrs}", default_lrs_text())))
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
-                   help='train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' (see docs/deployment.md)')
+                   help=_with_default("deepspeed", 'train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' '
+                                                   '(see docs/deployment.md)'))
     p.add_argument("--scl-layers", dest="scl_layers", type=int, nargs="+", default=None, metavar="I",
                    help="adapt only these layer indices with SCL (default: every FFN)")
     p.add_argument("--scl-train-compress", dest="scl_train_compress", action=argparse.BooleanOptionalAction,
-                   default=None, help="train SCL's C (--no-scl-train-compress: C frozen at a seed-derived init, "
-                                      "never sent; only E or P trains)")
+                   default=None, help=_with_default("scl_train_compress", "train SCL's C (--no-scl-train-compress: "
+                                                    "C frozen at a seed-derived init, never sent; only E or P "
+                                                    "trains)"))
     p.add_argument("--secagg", dest="secagg", action=argparse.BooleanOptionalAction, default=None,
-                   help="secure aggregation with Flower's SecAgg+ (--engine flower): the server sees only the "
-                        "weighted mean of the clients' deltas")
+                   help=_with_default("secagg", "secure aggregation with Flower's SecAgg+ (--engine flower): the "
+                                                "server sees only the weighted mean of the clients' deltas"))
     p.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction,
-                   default=None, help="per-client error feedback on the uplink")
+                   default=None, help=_with_default("error_feedback", "per-client error feedback on the uplink"))
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: only when stderr is a terminal)")
     return p
@@ -187,7 +239,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engines import run
     from .fed.engine import read_run_config
     from .fed.experiment import ExperimentConfig, load_config_file
 
@@ -202,18 +253,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             base.update(load_config_file(args.config))
         base.update(over)
         base["out"] = str(d)
-        cfg = ExperimentConfig.from_dict(base)
-        run(cfg, resume=True)
+        _run(ExperimentConfig.from_dict(base), resume=True)
         return 0
     base = load_config_file(args.config) if args.config else {}
     base.update(over)
-    cfg = ExperimentConfig.from_dict(base)
-    run(cfg)
+    _run(ExperimentConfig.from_dict(base), resume=False)
     return 0
 
 
+def _run(cfg, resume: bool) -> None:
+    """Run ``cfg``; Ctrl-C becomes a RunInterrupted that says how to continue the run."""
+    from .engines import run
+    from .fed.experiment import default_out
+
+    if cfg.out is None:
+        cfg.out = default_out(cfg)  # chosen here, so that the message names it
+    try:
+        run(cfg, resume=resume)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_how_to_continue(cfg)) from None
+
+
+def _how_to_continue(cfg) -> str:
+    """What an interrupted run left in ``cfg.out`` and the exact command that continues it."""
+    from .config import ConfigError
+    from .fed.engine import CKPT_RE, latest_checkpoint, read_run_config
+
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return f"no round was saved in {out}; run the command again to start over"
+    done = int(CKPT_RE.fullmatch(ckpt.name).group(1))
+    if done >= cfg.rounds and (out / "summary.json").is_file():
+        return f"the run had finished; its outputs are in {out}"
+    cmd = ["fastseq", "run", "--resume", str(out)]
+    try:
+        recorded = read_run_config(out).get("rounds")
+    except ConfigError:
+        recorded = None
+    if recorded != cfg.rounds:  # interrupted before config.json took the new round count
+        cmd += ["--rounds", str(cfg.rounds)]
+    return f"round {done} of {cfg.rounds} is saved; continue with: {shlex.join(cmd)}"
+
+
 def add_compare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", help="compare several runs (table + joint plot)")
+    p = sub.add_parser("compare", help="compare several runs (table + joint plot)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (with metrics.jsonl)")
     p.add_argument("--plot", default="compare.png", help="where to write the joint plot (default compare.png)")
     return p
@@ -292,17 +377,29 @@ def _fmt(x) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastseq", description="federated fine-tuning with SCL and LoRA baselines")
+    parser = _Parser(prog="fastseq", description="federated fine-tuning with SCL and LoRA baselines",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command")
-    add_run_parser(sub)
-    add_compare_parser(sub)
+    parser.commands = {"run": add_run_parser(sub), "compare": add_compare_parser(sub)}
     try:
         from .memory import add_plan_parser
     except ImportError:
         pass
     else:
-        add_plan_parser(sub)
+        parser.commands["plan"] = add_plan_parser(sub)
     return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> CLIError:
+    """One line naming the unknown arguments, with the closest flag for each misspelt one."""
+    where = f"fastseq {command}" if command else "fastseq"
+    sub = parser.commands.get(command, parser)
+    flags = [f for f in sub._option_string_actions if f.startswith("--")]
+    said = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.75) if arg.startswith("--") else []
+        said.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return CLIError(f"unrecognized arguments: {' '.join(said)}; see `{where} --help`")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -341,8 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            where = f"fastseq {args.command}" if args.command else "fastseq"
-            raise CLIError(f"unrecognized arguments: {' '.join(unknown)}; see `{where} --help`")
+            prog = f"fastseq {args.command}" if args.command else prog
+            raise _unrecognized(parser, args.command, unknown)
         if args.command is None:
             parser.print_help()
             return 0
@@ -352,8 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args)
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        how = f"; {e}" if isinstance(e, RunInterrupted) and str(e) else ""
+        print(f"{prog}: interrupted{how}", file=sys.stderr)
         return INTERRUPT_EXIT
     except Exception as e:
         from .fed.engine import NothingTrained

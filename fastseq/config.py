@@ -17,6 +17,20 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
 
 
+def unknown_keys_error(what: str, bad: list[str], valid: list[str]) -> ConfigError:
+    """One line for keys a ``what`` table does not have: the closest valid key for each (a typo,
+    or ``-`` written for ``_``), and the list of valid keys only when some key resembles none."""
+    import difflib
+
+    named, lost = [], False
+    for key in bad:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), valid, n=1, cutoff=0.6)
+        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        lost = lost or not close
+    text = f"unknown {what} key{'s' if len(bad) > 1 else ''} {', '.join(named)}"
+    return ConfigError(text + (f"; valid keys: {', '.join(valid)}" if lost else ""))
+
+
 @dataclass
 class SCLConfig:
     """Configuration of the Sequential Compression Layer.

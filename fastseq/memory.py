@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .config import SCLConfig
+from .exit_codes import EXIT_CODES, NOTHING_FITS_EXIT
 from .quant import QUANTIZATIONS, check_quantization
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -697,7 +698,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
         "plan", help="estimate peak training memory and pick a configuration that fits a budget",
         description="Estimate the peak memory of SCL training and choose quantization x checkpoint level x "
                     "micro-batch (gradient accumulation keeps the batch) for a memory budget. Preference: no "
-                    "quantization > int8 > nf4, then lower checkpoint level, then larger micro-batch.")
+                    "quantization > int8 > nf4, then lower checkpoint level, then larger micro-batch. Exits "
+                    f"with {NOTHING_FITS_EXIT} when nothing fits.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder, tiny model or known config "
                                                    f"({', '.join(sorted(KNOWN_CONFIGS))})")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 8GB (binary units: 8GB = 8 GiB)")
@@ -709,14 +712,16 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="train SCL's C (default: C frozen at its seeded init; only P or E trains)")
     p.add_argument("--batch-size", type=int, default=4, help="effective batch size (default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512; vision: patches)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="the clients' optimizer (default adamw)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
-                   help="fix the quantization instead of searching it")
+                   help=f"fix the quantization instead of searching it (default: search {', '.join(QUANTIZATIONS)})")
     p.add_argument("--checkpoint-level", type=int, choices=(0, 1, 2), default=None,
-                   help="fix the checkpoint level instead of searching it")
-    p.add_argument("--task", choices=("causal-lm", "text-classification", "image-classification"), default=None)
-    p.add_argument("--num-labels", type=int, default=None)
+                   help="fix the checkpoint level instead of searching it (default: search 0, 1, 2)")
+    p.add_argument("--task", choices=("causal-lm", "text-classification", "image-classification"), default=None,
+                   help="the head trained on the model (default: what its config or name says)")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="labels of a classification head (default: the model config's, else 2)")
     p.set_defaults(func=run_plan)
     return p
 
@@ -740,4 +745,4 @@ def run_plan(args) -> int:
           f"{c['optimizer']}, {c['dtype']}")
     print(result.estimate.as_table())
     print(result.message)
-    return 0 if result.fits else 1
+    return 0 if result.fits else NOTHING_FITS_EXIT

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._quiet import held_load_report, only_heads_differ, pass_on, quiet_bitsandbytes_kernel_notice
+
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("text-classification", "causal-lm", "image-classification")
@@ -299,8 +301,11 @@ def load_model(
 
         kwargs["quantization_config"] = bnb_config(quantization, compute_dtype=dtype or torch.float32)
         kwargs["device_map"] = {"": str(device or "cpu")}
+    quiet_bitsandbytes_kernel_notice()
     try:
-        model = _auto_class(task_kind).from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+        with held_load_report() as report:
+            model, info = _auto_class(task_kind).from_pretrained(str(path) if path.exists() else name_or_path,
+                                                                 output_loading_info=True, **kwargs)
     except OSError as exc:
         reason = " ".join(str(exc).split()).rstrip(".")
         raise ModelLoadError(
@@ -308,6 +313,11 @@ def load_model(
             f"id): {reason}. Without network access pass a local folder "
             f"(e.g. one written by `save_pretrained`) or a built-in tiny model ({', '.join(TINY_MODELS)})"
         ) from exc
+    heads_only = only_heads_differ(model, info)
+    pass_on(report, keep=not heads_only)  # a report about the backbone's own weights is shown
+    if heads_only and info.get("missing_keys"):
+        log.info("%s: the task head (%s) is not in the checkpoint; fastseq initialises and trains it", asked,
+                 ", ".join(sorted(info["missing_keys"])))
     if quantization != "none":
         from .quant import keep_cpu_layout
 

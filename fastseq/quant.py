@@ -47,6 +47,9 @@ def require_bitsandbytes():
         raise QuantizationError(
             "quantized backbones need bitsandbytes, which is not installed: pip install 'fastseq[quant]'"
         )
+    from ._quiet import quiet_bitsandbytes_kernel_notice
+
+    quiet_bitsandbytes_kernel_notice()
     try:
         import bitsandbytes
     except Exception as exc:  # a broken install raises all sorts of errors at import

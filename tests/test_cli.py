@@ -48,7 +48,7 @@ def test_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('methd = "scl"\n')
     assert main(["run", "--config", str(bad)]) == 2
-    assert "valid keys" in capsys.readouterr().err
+    assert "unknown config key 'methd' (did you mean 'method'?)" in capsys.readouterr().err
     assert main(["run", "--method", "lora", "--out", str(tmp_path / "x")]) == 2
     assert "fedsa-lora" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
@@ -163,3 +163,169 @@ def test_the_written_out_default_config_is_the_embedded_default():
     default = ExperimentConfig().to_dict()
     assert {k: v for k, v in written.items()} == {k: default[k] for k in written}
     assert ExperimentConfig.from_dict({**written, "method": "ffa-lora"}).lr == 3e-3
+
+
+# --- exit codes, --help, third-party banners -------------------------------------------------
+
+def test_plan_nothing_fits_has_its_own_exit_code(capsys):
+    """"Nothing fits" is an answer, not fastseq's bug (1) nor the user's error (2)."""
+    from fastseq.exit_codes import BUG_EXIT, NOTHING_FITS_EXIT, USAGE_EXIT
+
+    assert NOTHING_FITS_EXIT not in (0, BUG_EXIT, USAGE_EXIT)
+    assert main(["plan", "--model", "tiny-llama", "--budget", "1KB"]) == NOTHING_FITS_EXIT
+    captured = capsys.readouterr()
+    assert "nothing fits in 1.00 KiB" in captured.out and captured.err == ""
+    assert main(["plan", "--model", "tiny-llama", "--budget", "1GB"]) == 0
+
+
+def _help(argv, capsys) -> str:
+    try:
+        main([*argv, "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    return capsys.readouterr().out
+
+
+def test_exit_codes_are_documented_in_help_and_readme(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for argv in ([], ["run"], ["plan"], ["compare"]):
+        text = _help(argv, capsys)
+        assert "exit codes:" in text, argv
+        for code, meaning in (("0", "success"), ("1", "internal error"), ("2", "user error"),
+                              ("3", "fastseq plan: nothing fits"), ("4", "no round aggregated"),
+                              ("130", "interrupted")):
+            assert f"  {code}  " in text and meaning in text, (argv, code)
+            assert f"| `{code}` |" in readme, code
+
+
+def test_run_help_shows_the_real_defaults(capsys):
+    from fastseq.cli import build_parser
+    from fastseq.fed.experiment import ExperimentConfig
+
+    text = " ".join(_help(["run"], capsys).split())
+    d = ExperimentConfig()
+    for shown in (f"federated rounds (default: {d.rounds})", f"number of clients (default: {d.clients})",
+                  f"(default: {d.model})",
+                  f"fedex-lora (default: {d.method})", f"iid | dirichlet | pathological (default: {d.partition})",
+                  f"max tokens per text example (default: {d.max_length})", "(default: off: dense)",
+                  "cap the dataset size (default: all)", "per-client error feedback on the uplink (default: off)"):
+        assert shown in text, shown
+    run = build_parser().commands["run"]
+    for action in run._actions:
+        if action.option_strings and action.dest not in ("help", "config", "resume"):
+            assert "default" in action.help, action.option_strings  # every flag says its default ...
+            assert "None" not in action.help, action.option_strings  # ... in words, never "None"
+
+
+def _backbone_folder(tmp_path, name="tiny-bert"):
+    """A checkpoint of a tiny backbone alone (no task head), as hub checkpoints such as MiniLM are."""
+    from fastseq.models import _tiny_model
+
+    model, _ = _tiny_model(name, "text-classification", 3)
+    folder = tmp_path / f"{name}-backbone"
+    model.base_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("id2label", "label2id"):  # a backbone's config names no labels
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+class _Records(list):
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        self.loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "bitsandbytes.backends.cpu.ops")]
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+
+
+def test_a_default_like_run_shows_no_third_party_banners(tmp_path, capfd):
+    """A backbone checkpoint loaded for a task (the default run: MiniLM for bbc-news) gets a new
+    head on purpose: no LOAD REPORT about it, no PEFT deprecation warning, no bitsandbytes
+    kernels notice (logged when PEFT imports bitsandbytes on a CPU with AVX512-BF16)."""
+    import logging
+    import warnings
+
+    folder = _backbone_folder(tmp_path)
+    capfd.readouterr()
+    with _Records() as records, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", "--model", str(folder), "--task", "synthetic", "--method",
+                     "fedavg-lora", "--max-examples", "40", "--rounds", "1", "--clients", "2", "--clients-per-round",
+                     "1", "--partition", "iid", "--local-steps", "1", "--no-progress", "--out",
+                     str(tmp_path / "run")]) == 0
+        # what bitsandbytes logs at import there, with the filter the run installed
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip "
+            "install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+    err = capfd.readouterr().err
+    assert "[transformers]" not in err and "LOAD REPORT" not in err and "MISSING" not in err, err
+    assert not any("LOAD REPORT" in r or "kernels-community" in r for r in records), records
+    assert "another bitsandbytes warning" in records  # only that one notice is dropped
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_a_load_report_about_the_backbone_still_shows(tmp_path):
+    """Held back only when it is about heads: a backbone weight missing from the checkpoint is
+    the user's concern."""
+    from safetensors.torch import load_file, save_file
+
+    from fastseq.models import load_model
+
+    folder = _backbone_folder(tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    dropped = next(k for k in weights if "encoder.layer.0" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with _Records() as records:
+        load_model(str(folder), "text-classification", num_labels=3, processor="unused")
+    assert len(records) == 1 and "LOAD REPORT" in records[0] and dropped in records[0], records
+    with _Records() as records:
+        load_model(str(_backbone_folder(tmp_path / "whole")), "text-classification", num_labels=3,
+                   processor="unused")
+    assert records == []
+
+
+def _plan_examples(text: str) -> list[tuple[str, list[str]]]:
+    """``($ fastseq plan ... command, the output lines shown)`` of every such example in ``text``."""
+    examples, current = [], None
+    for block in text.split("```")[1::2]:
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                current = (line[2:], [])
+                examples.append(current)
+            elif current is not None and line.strip():
+                current[1].append(line)
+        current = None
+    return [(cmd, shown) for cmd, shown in examples if cmd.startswith("fastseq plan ")]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/quantization.md"])
+def test_plan_examples_in_the_docs_are_what_the_tool_prints(doc, capsys):
+    """Pasted from the tool and checked here, so that they never drift again ("..." stands for
+    lines left out)."""
+    import shlex
+    from pathlib import Path
+
+    examples = _plan_examples((Path(__file__).resolve().parents[1] / doc).read_text())
+    assert len(examples) >= 3
+    for cmd, shown in examples:
+        argv = shlex.split(cmd, comments=True)[1:]
+        rc = main(argv)
+        printed = capsys.readouterr().out.splitlines()
+        assert rc == (3 if printed[-1].startswith("nothing fits") else 0), cmd
+        cut = shown.index("...") if "..." in shown else len(shown)
+        head, tail = shown[:cut], shown[cut + 1:]
+        assert printed[:len(head)] == head, cmd
+        assert printed[-len(tail):] == tail if tail else printed == head, cmd

@@ -82,7 +82,11 @@ CASES = [
     ("lora-r", ["run", "--method", "fedavg-lora", "--lora-r", "0"], "lora_r must be null"),
     ("test-every", ["run", "--test-every", "0"], "test_every must be an integer >= 1"),
     ("deepspeed-not-json", ["run", "--deepspeed", "zero2"], "argument --deepspeed: not JSON"),
-    ("deepspeed-key", ["run", "--deepspeed", '{"zero_stag": 2}'], "zero_stag"),
+    ("deepspeed-key", ["run", "--deepspeed", '{"zero_stag": 2}'], "'zero_stag' (did you mean 'zero_stage'?)"),
+    ("config-unknown-key-unlike-any", ["run", "--config", "{tmp}/foreign.toml"],
+     "unknown config key 'colour'; valid keys: model, task"),
+    ("flag-typo", ["run", "--rouns", "3"],
+     "unrecognized arguments: --rouns (did you mean --rounds?) 3; see `fastseq run --help`"),
     ("aggregator", ["run", "--aggregator", "krum"], "aggregator='krum' is not valid; valid values: mean, median"),
     ("trim-fraction-half", ["run", "--trim-fraction", "0.5"], "trim_fraction must be in [0, 0.5)"),
     ("trim-fraction-trims-none", ["run", "--aggregator", "trimmed-mean", "--clients", "5", "--clients-per-round", "3",
@@ -135,7 +139,8 @@ CASES = [
     ("config-invalid-toml", ["run", "--config", "{tmp}/bad.toml"], "invalid TOML"),
     ("config-yaml-list", ["run", "--config", "{tmp}/list.yaml"], "the top level must be a table"),
     ("config-wrong-suffix", ["run", "--config", "{tmp}/run.txt"], "use a .toml, .yaml/.yml or .json file"),
-    ("config-unknown-key", ["run", "--config", "{tmp}/typo.toml"], "unknown config key(s) ['methd']"),
+    ("config-unknown-key", ["run", "--config", "{tmp}/typo.toml"],
+     "unknown config key 'methd' (did you mean 'method'?)"),
     ("config-wrong-type", ["run", "--config", "{tmp}/types.toml"], "prox_mu must be a number, got 'x'"),
     # output and resume targets
     ("out-is-a-file", ["run", "--out", "{tmp}/empty.toml"], "is a file; pass another --out"),
@@ -196,6 +201,7 @@ def places(tmp_path, finished, monkeypatch) -> dict[str, str]:
     _config(tmp_path, "list.yaml", "- model\n- task\n")
     _config(tmp_path, "run.txt", "model = tiny-llama\n")
     _config(tmp_path, "typo.toml", 'methd = "scl"\n')
+    _config(tmp_path, "foreign.toml", 'colour = "red"\n')
     _config(tmp_path, "types.toml", 'prox_mu = "x"\n')
     _config(tmp_path, "cols.csv", "sentence,label\nhello,a\nworld,b\n")
     damaged = tmp_path / "damaged"

@@ -181,10 +181,10 @@ def test_cli_plan(capsys):
     assert _cli(["plan", "--model", "TinyLlama/TinyLlama_v1.1", "--budget", "6GB"]) == 0
     out = capsys.readouterr().out
     assert "frozen weights" in out and "fits:" in out and "quantization=" in out
-    assert _cli(["plan", "--model", "TinyLlama/TinyLlama_v1.1", "--budget", "100MB"]) == 1
+    assert _cli(["plan", "--model", "TinyLlama/TinyLlama_v1.1", "--budget", "100MB"]) == 3  # its own exit code
     assert "nothing fits" in capsys.readouterr().out
     assert _cli(["plan", "--model", "google/gemma-2b", "--budget", "8GB", "--quantization", "nf4",
-                 "--checkpoint-level", "2", "--r", "8", "--optimizer", "sgd"]) in (0, 1)
+                 "--checkpoint-level", "2", "--r", "8", "--optimizer", "sgd"]) in (0, 3)
     assert "quantization=nf4, checkpoint_level=2" in capsys.readouterr().out
     from fastseq.cli import main
 

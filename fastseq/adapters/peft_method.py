@@ -26,8 +26,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import peft
-from packaging.version import Version
+from .._quiet import quiet_bitsandbytes_kernel_notice
+
+quiet_bitsandbytes_kernel_notice()  # PEFT imports bitsandbytes when it is installed
+import peft  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 # Before 0.20, get_peft_model_state_dict raised "Unknown PEFT type" for any peft_type outside
 # PeftType; 0.20 (huggingface/peft#3490) hands the state dict to the tuner class.

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, unknown_keys_error
 from .client import Client, optimizer_groups
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "fastseq" / "torch_extensions"
@@ -69,7 +69,7 @@ class DeepSpeedConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ConfigError(f"unknown deepspeed key(s) {bad}; known: {sorted(known)}")
+            raise unknown_keys_error("deepspeed", bad, sorted(known))
         return cls(**d)
 
     @classmethod

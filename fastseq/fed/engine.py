@@ -4,9 +4,11 @@ client (only adapter/trainable state and local state are swapped), CPU or one GP
 ``run_experiment(cfg)`` builds everything, runs the rounds (resuming from the newest complete
 checkpoint when ``resume=True``), and writes ``config.json``, ``metrics.jsonl``,
 ``summary.json``, ``checkpoints/``, ``clients/``, ``adapter/`` and ``curves.png`` to ``cfg.out``.
-The output directory is created only once the config, data and model have loaded, and is
-removed again if the run fails before its first checkpoint (a directory that existed before
-is never removed).
+While a process writes ``cfg.out`` it holds the directory's lock (:mod:`.run_lock`): a second
+run, or a ``--resume``, into the same directory is refused in one line and changes nothing.
+Nothing but the lock file is written before the config, data and model have loaded (and, when
+resuming, the checkpoint was found to fit them); a new directory is removed again if the run
+fails before its first checkpoint (a directory that existed before is never removed).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..models import resolve_model_source
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
 from .rounds import ClientPool, RoundRunner
+from .run_lock import LOCK_NAME, RunLock, run_lock
 from .workers import resolve_workers
 from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
@@ -153,19 +156,39 @@ def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
 
 def check_resume(cfg: ExperimentConfig, out: Path) -> Path:
     """The checkpoint to resume ``cfg`` from in ``out``; a ConfigError when there is none, when
-    ``cfg`` differs from the run's ``config.json`` beyond RESUME_MAY_CHANGE, when it asks for
-    fewer rounds than were done, and AlreadyFinished when all rounds are done."""
+    ``cfg`` differs from the run's ``config.json`` beyond RESUME_MAY_CHANGE (a key it lacks: from
+    the key's default), when the checkpoint was trained with another method, when it asks for
+    fewer rounds than were done, and AlreadyFinished when all rounds are done. Reads only."""
     saved = read_run_config(out)
     now = json.loads(json.dumps(cfg.to_dict()))  # compared as config.json holds it (tuples are lists)
-    changed = [k for k in ExperimentConfig.keys() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    # A key config.json lacks (a run from before the key existed, or an edited file) ran with its
+    # default, as the keys it has imply it (lr: the method's): a config that sets it otherwise is
+    # a change too.
+    was = json.loads(json.dumps(ExperimentConfig(**{k: saved[k] for k in ExperimentConfig.keys() if k in saved})
+                                .to_dict()))
+    changed = [k for k in ExperimentConfig.keys() if k not in RESUME_MAY_CHANGE and was[k] != now[k]]
     if changed:
-        diffs = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k} {was[k]!r}{'' if k in saved else ' (the default)'} -> {now[k]!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with a different config ({diffs}); resume without changing these, "
                           f"or start a new run with another --out")
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise ConfigError(f"cannot resume: {out} has no complete checkpoint (checkpoints/round_<r>/server.json); "
                           f"start the run again")
+    # config.json is where a resumed config comes from, so it agreeing with itself proves
+    # nothing: the checkpoint says which method it holds (and check_checkpoint_fits, once the
+    # model is built, what shapes).
+    try:
+        trained = json.loads((ckpt / "server.json").read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"cannot resume: {ckpt / 'server.json'} is not readable JSON; the run directory is "
+                          f"damaged") from None
+    if trained is not None and trained != cfg.method:
+        said = (f"as {out / 'config.json'} says (was it edited?)" if "method" in saved
+                else f"({out / 'config.json'} names no method: the default)")
+        raise ConfigError(f"cannot resume {out}: its checkpoint {ckpt.name} was trained with method {trained!r}, "
+                          f"not {cfg.method!r} {said}; set method to {trained!r} in {out / 'config.json'} to "
+                          f"resume it, or start a new run with another --out")
     done = int(CKPT_RE.fullmatch(ckpt.name).group(1))
     if done > cfg.rounds:
         raise ConfigError(f"cannot resume {out} with rounds={cfg.rounds}: it has already done {done} rounds; "
@@ -197,34 +220,83 @@ def check_run_directory(cfg: ExperimentConfig, out: Path, resume: bool) -> Path 
     return None
 
 
-def check_before_writing(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
-    """What every engine checks before it writes anything: the run directory and the environment
-    (the task's packages, the device). The local engine's ``build_runtime`` checks the latter."""
-    check_run_directory(cfg, out, resume)
-    check_environment(cfg)
+@contextlib.contextmanager
+def locked_run_directory(cfg: ExperimentConfig, out: Path, resume: bool, *, echo: Callable[[str], None] = print,
+                         token: str | None = None) -> Iterator[tuple[RunLock, Path | None]]:
+    """Hold ``out``'s lock for the body and check the run directory under it (so a run that is
+    still writing it is reported as such, not as a half-written run); yields ``(lock, the
+    checkpoint to resume from or None)``. A path that cannot be a run directory (or, resuming,
+    holds no run) is refused before the lock file is put there. ``token``: a lock the launching
+    process holds for this one (Flower's ServerApp)."""
+    check_output_path(out)
+    if resume:
+        read_run_config(out)
+    with run_lock(out, token=token, echo=echo) as lock:
+        yield lock, check_run_directory(cfg, out, resume)
 
 
 @contextlib.contextmanager
-def output_directory(out: Path) -> Iterator[None]:
-    """Create ``out`` (and its missing parents) for the body; if the body fails (or is
-    interrupted) before the run's first checkpoint, remove what was created here. A directory
-    that existed before is never removed."""
-    created = []
-    for p in (out, *out.parents):
-        if p.exists():
-            break
-        created.append(p)
+def check_before_writing(cfg: ExperimentConfig, out: Path, resume: bool, *,
+                         echo: Callable[[str], None] = print) -> Iterator[RunLock]:
+    """What every engine does before it writes anything: lock and check the run directory
+    (:func:`locked_run_directory`) and check the environment (the task's packages, the device);
+    the lock is held for the body. The local engine's ``build_runtime`` checks the latter."""
+    with locked_run_directory(cfg, out, resume, echo=echo) as (lock, _):
+        check_environment(cfg)
+        yield lock
+
+
+def check_checkpoint_fits(cfg: ExperimentConfig, rt, out: Path, ckpt: Path) -> None:
+    """Resuming: the model and method built from the config are the ones the checkpoint was
+    trained on (config.json's record of them, the checkpoint's tensor names and shapes), checked
+    before anything is written; a ConfigError otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = (f"was {out / 'config.json'} edited, or the model changed? Restore it to resume, or start a new run "
+           f"with another --out")
+    saved = read_run_config(out).get("method_info")
+    built = _jsonable(rt.method.info)
+    if isinstance(saved, dict):
+        def show(v):
+            return f"{v:,}" if isinstance(v, int) else repr(v)
+
+        diffs = [f"{k} {show(saved[k])} -> {show(built[k])}" for k in ("method", "total_params")
+                 if k in saved and k in built and saved[k] != built[k]]
+        if diffs:
+            raise ConfigError(f"cannot resume {out}: {cfg.model!r} with {cfg.method!r} is not the model the run "
+                              f"trained ({', '.join(diffs)}); {fix}")
+    try:
+        with safe_open(str(ckpt / "server.safetensors"), framework="pt") as f:
+            held = {k[len("global/"):]: list(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("global/")}
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"cannot resume: {ckpt / 'server.safetensors'} cannot be read ({e}); the run directory "
+                          f"is damaged") from None
+    want = {k: list(v.shape) for k, v in rt.initial_global.items()}
+    if held != want:
+        k = (sorted(set(held) ^ set(want)) or sorted(k for k in want if held[k] != want[k]))[0]
+        detail = f"{k}: {held.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} in the model built now"
+        raise ConfigError(f"cannot resume {out}: its checkpoint {ckpt.name} does not fit {cfg.model!r} with "
+                          f"{cfg.method!r} ({detail}); {fix}")
+
+
+@contextlib.contextmanager
+def output_directory(out: Path, created: bool) -> Iterator[None]:
+    """``out`` for the body, which writes the run; ``created``: ``out`` is new (the run lock made
+    it). If the body fails (or is interrupted) before the run's first checkpoint, what it wrote
+    in a new ``out`` is removed again, the lock file aside (the lock's release then removes the
+    empty folder and the parents it made). A directory that existed before is never emptied."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
         if created and latest_checkpoint(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
-            for parent in created[1:]:  # only while empty: another run may have written there since
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+            for p in out.iterdir():
+                if p.name == LOCK_NAME:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         raise
 
 
@@ -268,8 +340,12 @@ class Hooks:
 
 
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks | None = None,
-                   client_factory: Callable | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a federated experiment on the local engine; returns the summary."""
+                   client_factory: Callable | None = None, echo: Callable[[str], None] = print,
+                   lock_token: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a federated experiment on the local engine; returns the summary.
+
+    ``lock_token``: the token of the run directory's lock when the process that launched this
+    one holds it (Flower's ServerApp); otherwise the run takes the lock itself."""
     hooks = hooks or Hooks()
     if cfg.engine != "local":
         # The other engines sit above this package (they run this loop with remote clients).
@@ -281,12 +357,14 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
     if cfg.out is None:
         cfg.out = default_out(cfg)
     out = Path(cfg.out)
-    ckpt = check_run_directory(cfg, out, resume)
-    with library_progress_bars(show_progress(cfg)):
-        # Everything that can fail on the user's input fails here, before any file is written.
-        rt = build_runtime(cfg, echo=echo)
-        with output_directory(out):
-            return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
+    with locked_run_directory(cfg, out, resume, echo=echo, token=lock_token) as (lock, ckpt):
+        with library_progress_bars(show_progress(cfg)):
+            # Everything that can fail on the user's input fails here, before any file is written.
+            rt = build_runtime(cfg, echo=echo)
+            if ckpt is not None:
+                check_checkpoint_fits(cfg, rt, out, ckpt)
+            with output_directory(out, created=bool(lock.created)):
+                return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
 
 
 def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, unknown_keys_error
 from .aggregators import AGGREGATORS, trim_count
 from .attacks import ATTACKS
 from .client import Client, TrainConfig, derive_seed
@@ -174,7 +174,7 @@ class ExperimentConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
         bad = sorted(set(d) - set(cls.keys()))
         if bad:
-            raise ConfigError(f"unknown config key(s) {bad}; valid keys: {', '.join(cls.keys())}")
+            raise unknown_keys_error("config", bad, cls.keys())
         cfg = cls(**d)
         cfg.validate()
         return cfg

@@ -258,6 +258,9 @@ class LoRAMethod(Method):
     freeze_A = False
 
     def _inject(self, model, head_modules):
+        from .._quiet import quiet_bitsandbytes_kernel_notice, quiet_peft_gradient_checkpointing_notice
+
+        quiet_bitsandbytes_kernel_notice()  # PEFT imports bitsandbytes when it is installed
         from peft import LoraConfig, get_peft_model
 
         sites = find_ffn_sites(model)
@@ -288,7 +291,8 @@ class LoRAMethod(Method):
         log.info("LoRA budget: %s (alpha=%s)", budget, self.lora_alpha)
         cfg = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                          target_modules=targets, modules_to_save=list(head_modules) or None)
-        model = get_peft_model(model, cfg)
+        with quiet_peft_gradient_checkpointing_notice():
+            model = get_peft_model(model, cfg)
         self.pairs: list[tuple[str, str, str, float]] = []  # (module name, A name, B name, scaling)
         from peft.tuners.lora import LoraLayer
 

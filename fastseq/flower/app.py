@@ -190,6 +190,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
     from ..fed.checkpoint import atomic_write_json
     from ..fed.engine import run_experiment
     from ..fed.experiment import default_out
+    from ..fed.run_lock import run_lock
 
     cfg, flower = from_run_config(run_config)
     if cfg.out is None:
@@ -210,17 +211,22 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
         return RemoteClient(grid, nodes[str(cid)], str(cid), timeout, secagg=secagg)
 
     local_cfg = dataclasses.replace(cfg, engine="local")
-    summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo)
-    # config.json as the embedded engine writes it, plus how this run was carried out
-    # ("flower-sim" when the Simulation Engine carried it, "flower" otherwise).
-    engine = cfg.engine if cfg.engine != "local" else "flower"
-    cpath = Path(cfg.out) / "config.json"
-    conf = json.loads(cpath.read_text())
-    conf["engine"] = engine
-    conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()}, **flower}
-    atomic_write_json(cpath, conf)
-    summary["engine"] = engine
-    atomic_write_json(Path(cfg.out) / "summary.json", summary)
+    # The lock is held until the files below are written too (the process that submitted the
+    # run holds it already when it gave a token: this re-enters it).
+    with run_lock(cfg.out, token=flower["run-lock"] or None, echo=echo) as lock:
+        summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo,
+                                 lock_token=lock.token)
+        # config.json as the embedded engine writes it, plus how this run was carried out
+        # ("flower-sim" when the Simulation Engine carried it, "flower" otherwise).
+        engine = cfg.engine if cfg.engine != "local" else "flower"
+        cpath = Path(cfg.out) / "config.json"
+        conf = json.loads(cpath.read_text())
+        conf["engine"] = engine
+        conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()},
+                          **{k: v for k, v in flower.items() if k != "run-lock"}}
+        atomic_write_json(cpath, conf)
+        summary["engine"] = engine
+        atomic_write_json(Path(cfg.out) / "summary.json", summary)
     return summary
 
 
@@ -241,7 +247,7 @@ def client_state_root(context: Context, flower: dict[str, Any]) -> Path:
         return Path(str(node_dir)).expanduser()
     if flower.get("client-state-dir"):
         return Path(str(flower["client-state-dir"])).expanduser()
-    rc = {k: v for k, v in context.run_config.items() if k not in ("progress", "resume")}
+    rc = {k: v for k, v in context.run_config.items() if k not in ("progress", "resume", "run-lock")}
     return Path.home() / ".cache" / "fastseq" / "flower" / experiment_key(rc)
 
 

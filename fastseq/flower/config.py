@@ -26,6 +26,9 @@ FLOWER_KEYS: dict[str, Any] = {
     "reply-timeout-s": 3600,
     # Resume from the newest complete checkpoint in ``out``.
     "resume": False,
+    # The token of ``out``'s run lock (fastseq.fed.run_lock) when the process that submitted the
+    # run holds it (the local Flower engines); "": the ServerApp takes the lock itself.
+    "run-lock": "",
 }
 
 # ExperimentConfig fields that are tables or lists: sent as JSON strings; the value for "".

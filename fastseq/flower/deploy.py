@@ -350,18 +350,23 @@ def run_flower(cfg, *, superlink: str | None = None, insecure: bool = False, roo
 
         cfg.deepspeed = dataclasses.asdict(deepspeed) if isinstance(deepspeed, DeepSpeedConfig) else dict(deepspeed)
         cfg.validate()
-    if superlink is None:
-        # This machine runs the ServerApp and every SuperNode: what the embedded engine checks
-        # before writing anything is checked here too (a remote SuperLink checks it itself).
-        from ..fed.engine import check_before_writing
+    with contextlib.ExitStack() as stack:
+        flower_keys: dict[str, Any] = {"resume": bool(resume)}
+        if superlink is None:
+            # This machine runs the ServerApp and every SuperNode: the run directory is locked
+            # and checked here, as the embedded engine does, before anything is written; the
+            # ServerApp re-enters this lock (a remote SuperLink's ServerApp takes its own).
+            from ..fed.engine import check_before_writing
 
-        check_before_writing(cfg, out, resume)
+            lock = stack.enter_context(check_before_writing(cfg, out, resume, echo=echo))
+            flower_keys.update({"client-state-dir": str(out / "clients"), "node-wait-s": 120, "run-lock": lock.token})
+        return _run_flower(cfg, out, superlink, insecure, root_certificates, flower_keys, timeout, echo)
+
+
+def _run_flower(cfg, out: Path, superlink: str | None, insecure: bool, root_certificates: str | None,
+                flower_keys: dict[str, Any], timeout: float | None, echo: Callable[[str], None]) -> dict[str, Any]:
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    flower_keys: dict[str, Any] = {"resume": bool(resume)}
-    if superlink is None:
-        flower_keys["client-state-dir"] = str(out / "clients")
-        flower_keys["node-wait-s"] = 120
     rc = to_run_config(dataclasses.replace(cfg, engine="flower", progress=False), **flower_keys)
     app_dir = write_project(work / "app", rc)
     t0 = time.time()

@@ -160,17 +160,23 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
         cfg.out = default_out(cfg)
     cfg.out = os.path.abspath(cfg.out)
     out = Path(cfg.out)
-    check_before_writing(cfg, out, resume)  # as the local engine does, before Ray starts
-    init_args = ray_init_args(cfg, ray_init_args_overrides)
-    check_resources(cfg, init_args)
+    # as the local engine does, before Ray starts; the ServerApp thread re-enters the lock
+    with check_before_writing(cfg, out, resume, echo=echo) as lock:
+        init_args = ray_init_args(cfg, ray_init_args_overrides)
+        check_resources(cfg, init_args)
+        return _simulate(cfg, out, resume, init_args, lock.token, echo)
 
+
+def _simulate(cfg, out: Path, resume: bool, init_args: dict[str, Any], lock_token: str,
+              echo: Callable[[str], None]) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
+    from ..config import ConfigError
     from .app import make_apps
 
     rc = to_run_config(dataclasses.replace(cfg, engine="flower-sim", progress=False), resume=bool(resume),
-                       **{"client-state-dir": str(out / "clients"), "node-wait-s": 120})
+                       **{"client-state-dir": str(out / "clients"), "node-wait-s": 120, "run-lock": lock_token})
     server_app, client_app = make_apps(rc)
     echo(f"flower-sim: {cfg.clients} virtual SuperNodes, {cfg.client_cpus:g} CPU / {cfg.client_gpus:g} GPU per "
          f"client, Ray with {init_args.get('num_cpus')} CPUs")
