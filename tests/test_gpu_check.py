@@ -103,10 +103,15 @@ def test_a_step_over_its_budget_is_stopped_and_the_rest_still_reported(tmp_path)
     assert "timeout" in (out / "gpu_check.md").read_text() and (out / "gpu_check.log").exists()
 
 
-def test_a_failing_step_records_its_error(tmp_path, monkeypatch):
+def _load_script():
     spec = importlib.util.spec_from_file_location("_gpu_check", SCRIPT)
     gc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gc)
+    return gc
+
+
+def test_a_failing_step_records_its_error(tmp_path, monkeypatch):
+    gc = _load_script()
 
     def broken(st):
         with st.unit("first"):
@@ -123,9 +128,7 @@ def test_a_failing_step_records_its_error(tmp_path, monkeypatch):
 
 def test_a_step_whose_units_failed_is_not_ok(tmp_path, monkeypatch):
     """Every case inside the step failed but the step itself returned: it is failed, not ok."""
-    spec = importlib.util.spec_from_file_location("_gpu_check", SCRIPT)
-    gc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gc)
+    gc = _load_script()
 
     def cases_fail(st):
         with st.unit("good"):
