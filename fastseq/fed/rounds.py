@@ -134,6 +134,8 @@ class RoundRunner:
         n_batches = -(-len(examples) // bs)
         if pool is None or rt is None or not rt.task.splittable_eval or n_batches < 2:
             return None
+        if examples is not (rt.val_examples if which == "val" else rt.eval_examples):
+            return None  # the workers slice the runtime's own lists: anything else is scored here
         from safetensors.torch import save as save_tensors
 
         blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
