@@ -29,9 +29,11 @@ def history(out) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def assert_same_run(local_out, other_out, *, rounds: int, clients=None, frozen_c: bool = False) -> None:
+def assert_same_run(local_out, other_out, *, rounds: int, clients=None, frozen_c: bool = False,
+                    drop_reasons: bool = True) -> None:
     """``other_out`` (a run on another engine) computed what the local engine's ``local_out``
-    did: the same sampling, bytes, metrics, final adapter and last checkpoint."""
+    did: the same sampling, bytes, metrics, final adapter and last checkpoint.
+    ``drop_reasons=False``: the same clients dropped, whatever the reasons given."""
     from pathlib import Path
 
     import pytest
@@ -45,8 +47,12 @@ def assert_same_run(local_out, other_out, *, rounds: int, clients=None, frozen_c
     if clients is not None:
         assert [r["clients"] for r in b] == clients
     for ra, rb in zip(a, b):
-        for k in ("uplink_bytes", "downlink_bytes", "examples", "dropped", "skipped"):
+        for k in ("uplink_bytes", "downlink_bytes", "examples", "skipped"):
             assert ra[k] == rb[k], k
+        if drop_reasons:
+            assert ra["dropped"] == rb["dropped"]
+        else:
+            assert [d["client"] for d in ra["dropped"]] == [d["client"] for d in rb["dropped"]]
         for k in ("eval_loss", "accuracy", "train_loss"):
             if ra.get(k) is None:
                 assert rb.get(k) is None

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from fed_helpers import assert_same_run, flower_config  # noqa: E402
+from flower_helpers import alive  # noqa: E402
 
 from fastseq.fed.engine import run_experiment  # noqa: E402
 from fastseq.fed.experiment import ExperimentConfig  # noqa: E402
@@ -50,18 +51,6 @@ def test_flower_app_project_is_in_sync():
     assert dict(cfg.to_dict(), engine="local", progress=None) == ExperimentConfig().to_dict()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("variant", [{"codec": "int8", "error_feedback": True}, {"scl_train_compress": False}],
@@ -77,7 +66,7 @@ def test_flower_deployment_matches_local_engine(tmp_path, variant):
     # every process of the deployment was stopped
     pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
     assert set(pids) == {"superlink", "supernode_0", "supernode_1"}
-    assert not [n for n, p in pids.items() if _alive(p)]
+    assert not [n for n, p in pids.items() if alive(p)]
     assert fl["flower_status"] == "finished:completed" and fl["engine"] == "flower"
 
     # the same metrics (same sampling, same updates, same evaluation) and the same state
@@ -116,7 +105,7 @@ def test_existing_deployment_and_failing_node(tmp_path):
         dep.check_alive()  # submitting does not stop someone else's deployment
     finally:
         dep.stop()
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
     assert summary["flower_status"] == "finished:completed" and summary["dropped"] == 1
     rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["round"] == 1 and rec["clients"] == ["0"] and not rec["skipped"]
@@ -139,7 +128,7 @@ def test_stop_process_ends_the_whole_group(tmp_path):
     child = int((tmp_path / "child").read_text())
     stop_process(p, timeout=5)
     time.sleep(0.2)
-    assert p.poll() is not None and not _alive(child)
+    assert p.poll() is not None and not alive(child)
     ports = free_ports(3)
     assert len(set(ports)) == 3
     conf = tomllib.loads(write_connection(tmp_path / "home", f"127.0.0.1:{ports[0]}", insecure=True).read_text())

@@ -341,11 +341,13 @@ class Hooks:
 
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks | None = None,
                    client_factory: Callable | None = None, echo: Callable[[str], None] = print,
-                   lock_token: str | None = None) -> dict[str, Any]:
+                   lock_token: str | None = None, config_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a federated experiment on the local engine; returns the summary.
 
     ``lock_token``: the token of the run directory's lock when the process that launched this
-    one holds it (Flower's ServerApp); otherwise the run takes the lock itself."""
+    one holds it (Flower's ServerApp); otherwise the run takes the lock itself.
+    ``config_extra``: entries written over ``config.json``'s from the start (the Flower engines
+    record their engine there, so that ``--resume`` of an interrupted run resumes it on Flower)."""
     hooks = hooks or Hooks()
     if cfg.engine != "local":
         # The other engines sit above this package (they run this loop with remote clients).
@@ -364,14 +366,15 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
             if ckpt is not None:
                 check_checkpoint_fits(cfg, rt, out, ckpt)
             with output_directory(out, created=bool(lock.created)):
-                return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo)
+                return _run_rounds(cfg, rt, out, ckpt, hooks, client_factory, echo, config_extra or {})
 
 
 def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
-                client_factory: Callable | None, echo: Callable[[str], None]) -> dict[str, Any]:
+                client_factory: Callable | None, echo: Callable[[str], None],
+                config_extra: dict[str, Any]) -> dict[str, Any]:
     progress = show_progress(cfg)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
-                                            "resolved_model": resolve_model_source(cfg.model)})
+                                            "resolved_model": resolve_model_source(cfg.model), **config_extra})
     if ckpt is not None:  # a finished run trained further is unfinished until finish() writes its summary again
         (out / "summary.json").unlink(missing_ok=True)
     server = build_server(cfg, rt, logger=echo, state_dir=out / "server")

@@ -126,12 +126,13 @@ def _open_locked(path: Path, out: Path) -> tuple[int | None, dict]:
 
 @contextlib.contextmanager
 def run_lock(out: str | os.PathLike, *, token: str | None = None,
-             echo: Callable[[str], None] = print) -> Iterator[RunLock]:
+             echo: Callable[[str], None] = print, wait_s: float = 0.0) -> Iterator[RunLock]:
     """Hold the lock on run directory ``out`` (created if missing) for the body; released at the
     end, on errors and on Ctrl-C. Raises :class:`RunLocked` (a ConfigError: one line, nothing
     changed) when a live process holds it, unless ``token`` is that holder's token (the process
-    that launched this one holds it for us). A lock left by a process that is gone is taken
-    over with a note through ``echo``."""
+    that launched this one holds it for us); with ``wait_s``, only if it still holds it after
+    that many seconds (a resumed Flower run waits for the stopped ServerApp it continues). A
+    lock left by a process that is gone is taken over with a note through ``echo``."""
     out = Path(out)
     if token:
         with _HELD_GUARD:
@@ -143,6 +144,13 @@ def run_lock(out: str | os.PathLike, *, token: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     fd, holder = _open_locked(path, out)
+    if fd is None and wait_s > 0 and not (token and holder.get("token") == token):
+        echo(f"waiting up to {wait_s:.0f} s for {describe_holder(holder) if holder else 'another process'}, which "
+             f"is still writing {out}")
+        deadline = time.monotonic() + wait_s
+        while fd is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            fd, holder = _open_locked(path, out)
     if fd is None:
         if token and holder.get("token") == token:  # the launching process holds it for us
             yield RunLock(out, token, [], owner=False)

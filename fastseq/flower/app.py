@@ -36,6 +36,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 
@@ -52,13 +53,30 @@ class RemoteClientError(RuntimeError):
     """A SuperNode did not return a valid reply (error reply, timeout, bad content)."""
 
 
-def _record(msg: Message) -> ConfigRecord:
+def _record(msg: Message, request: Message | None = None) -> ConfigRecord:
+    """The ``fastseq`` record of a reply to ``request``, or RemoteClientError saying why not.
+
+    Name the node by the request's destination: when a node is gone the SuperLink itself
+    answers (NODE_UNAVAILABLE), with its own id as the reply's source."""
+    node = request.metadata.dst_node_id if request is not None else msg.metadata.src_node_id
     if msg.has_error():
-        raise RemoteClientError(f"node {msg.metadata.src_node_id} replied with error "
-                                f"{msg.error.code}: {msg.error.reason}")
+        if msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+            waited = ""
+            if request is not None and msg.metadata.created_at and request.metadata.created_at:
+                waited = f" after {max(0.0, msg.metadata.created_at - request.metadata.created_at):.0f} s"
+            raise RemoteClientError(f"node {node} unavailable (SuperLink reported NODE_UNAVAILABLE{waited}: "
+                                    f"{msg.error.reason})")
+        raise RemoteClientError(f"node {node} replied with error {msg.error.code}: {msg.error.reason}")
     if RECORD not in msg.content.config_records:
-        raise RemoteClientError(f"node {msg.metadata.src_node_id} replied without a '{RECORD}' record")
+        raise RemoteClientError(f"node {node} replied without a '{RECORD}' record")
     return msg.content.config_records[RECORD]
+
+
+def _replies_by_request(messages: list[Message], replies) -> list[Message | None]:
+    """Each request's reply (None: no reply within the timeout), matched on the message id it
+    replies to (a reply's source is the SuperLink, not the node, when the node is gone)."""
+    by_id = {r.metadata.reply_to_message_id: r for r in replies}
+    return [by_id.get(m.metadata.message_id) for m in messages]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,11 +92,13 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float, echo=print) -> d
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
             msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query") for n in new]
-            replies = list(grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic())))
-            for rep in replies:
-                node = rep.metadata.src_node_id
+            replies = grid.send_and_receive(msgs, timeout=max(5.0, deadline - time.monotonic()))
+            for msg, rep in zip(msgs, _replies_by_request(msgs, replies)):
+                node = msg.metadata.dst_node_id
+                if rep is None:
+                    continue  # asked again next time
                 try:
-                    rec = _record(rep)
+                    rec = _record(rep, msg)
                 except RemoteClientError as e:
                     echo(f"flower: ignoring node {node}: {e}")
                     asked.add(node)
@@ -126,17 +146,18 @@ class RemoteClient:
         content = RecordDict({RECORD: ConfigRecord(self._request(blob, round))})
         return Message(content=content, dst_node_id=self.node_id, message_type=kind)
 
-    def _reply(self, kind: str, reply: Message | None, round: int) -> ConfigRecord:
+    def _reply(self, kind: str, request: Message, reply: Message | None, round: int) -> ConfigRecord:
         if reply is None:
             raise RemoteClientError(f"client {self.client_id} (node {self.node_id}) did not reply to "
                                     f"{kind} of round {round} within {self.timeout:.0f} s")
-        rec = _record(reply)
+        rec = _record(reply, request)
         self._discard = NO_DISCARD
         return rec
 
     def _call(self, kind: str, blob: bytes, round: int) -> ConfigRecord:
-        replies = list(self.grid.send_and_receive([self._message(kind, blob, round)], timeout=self.timeout))
-        return self._reply(kind, replies[0] if replies else None, round)
+        request = self._message(kind, blob, round)
+        [reply] = _replies_by_request([request], self.grid.send_and_receive([request], timeout=self.timeout))
+        return self._reply(kind, request, reply, round)
 
     @staticmethod
     def _fit_result(client: "RemoteClient", rec: ConfigRecord) -> tuple[bytes, dict[str, Any]]:
@@ -158,11 +179,11 @@ class RemoteClient:
             return []
         grid, timeout = pairs[0][0].grid, max(c.timeout for c, _ in pairs)
         messages = [client._message("train", blob, round) for client, blob in pairs]
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+        replies = _replies_by_request(messages, grid.send_and_receive(messages, timeout=timeout))
         outcomes: list = []
-        for client, _ in pairs:
+        for (client, _), request, reply in zip(pairs, messages, replies):
             try:
-                outcomes.append(cls._fit_result(client, client._reply("train", replies.get(client.node_id), round)))
+                outcomes.append(cls._fit_result(client, client._reply("train", request, reply, round)))
             except Exception as e:  # noqa: BLE001  (reported to the engine, which drops the client)
                 outcomes.append(e)
         return outcomes
@@ -183,6 +204,9 @@ class RemoteClient:
         return json.loads(self._call("evaluate", downlink_blob, round)["metrics"])
 
 
+OUT_LOCK_WAIT_S = 120.0  # how long a resumed run's ServerApp waits for the one it continues to exit
+
+
 def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, Any]:
     """The ServerApp body: discover nodes, then run the embedded round loop with remote clients."""
     import dataclasses
@@ -195,6 +219,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
     cfg, flower = from_run_config(run_config)
     if cfg.out is None:
         cfg.out = os.path.abspath(default_out(cfg))
+    elif not os.path.isabs(cfg.out):
+        # relative to this process's working directory (flwr 1.42: where flower-superlink was started)
+        echo(f"flower: out={cfg.out!r} is a relative path: the outputs go to {os.path.abspath(cfg.out)} on the "
+             f"SuperLink's machine (give an absolute path)")
+        cfg.out = os.path.abspath(cfg.out)
     echo(f"flower: waiting for {cfg.clients} SuperNodes (partition-id 0..{cfg.clients - 1})")
     nodes = discover_nodes(grid, cfg.clients, float(flower["node-wait-s"]), echo=echo)
     echo("flower: client -> node " + ", ".join(f"{c}->{n}" for c, n in sorted(nodes.items(), key=lambda x: int(x[0]))))
@@ -211,20 +240,20 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
         return RemoteClient(grid, nodes[str(cid)], str(cid), timeout, secagg=secagg)
 
     local_cfg = dataclasses.replace(cfg, engine="local")
-    # The lock is held until the files below are written too (the process that submitted the
-    # run holds it already when it gave a token: this re-enters it).
-    with run_lock(cfg.out, token=flower["run-lock"] or None, echo=echo) as lock:
+    # config.json as the embedded engine writes it, plus how this run is carried out ("flower-sim"
+    # when the Simulation Engine carries it, "flower" otherwise), from the start: `fastseq run
+    # --resume` of an interrupted run reads its engine there.
+    engine = cfg.engine if cfg.engine != "local" else "flower"
+    extra = {"engine": engine, "flower": {"nodes": {c: str(n) for c, n in nodes.items()},
+                                          **{k: v for k, v in flower.items() if k != "run-lock"}}}
+    # The lock is held until the summary is written too (the process that submitted the run holds
+    # it already when it gave a token: this re-enters it). Resuming, wait for the ServerApp of the
+    # run this one continues: `fastseq run --resume` stopped it (its driver was killed), and it
+    # lets go at its next call to the SuperLink.
+    wait_s = OUT_LOCK_WAIT_S if flower["resume"] else 0.0
+    with run_lock(cfg.out, token=flower["run-lock"] or None, echo=echo, wait_s=wait_s) as lock:
         summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo,
-                                 lock_token=lock.token)
-        # config.json as the embedded engine writes it, plus how this run was carried out
-        # ("flower-sim" when the Simulation Engine carried it, "flower" otherwise).
-        engine = cfg.engine if cfg.engine != "local" else "flower"
-        cpath = Path(cfg.out) / "config.json"
-        conf = json.loads(cpath.read_text())
-        conf["engine"] = engine
-        conf["flower"] = {"nodes": {c: str(n) for c, n in nodes.items()},
-                          **{k: v for k, v in flower.items() if k != "run-lock"}}
-        atomic_write_json(cpath, conf)
+                                 lock_token=lock.token, config_extra=extra)
         summary["engine"] = engine
         atomic_write_json(Path(cfg.out) / "summary.json", summary)
     return summary
