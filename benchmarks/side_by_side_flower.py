@@ -93,6 +93,7 @@ def arm_fastseq(spec: dict, work: Path) -> dict:
     hist = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((work / "run" / "config.json").read_text())["method_info"]
     return dict(round_seconds=[h["seconds"] for h in hist[1:]], accuracy=[h.get("accuracy") for h in hist],
+                workers=max(h.get("workers", 1) for h in hist),
                 clients=[h["clients"] for h in hist[1:]], lora_r=info["lora_r"], lora_alpha=info["lora_alpha"],
                 lora_targets=info["lora_targets"], trainable_params=info["trainable_params"], arm_wall_s=wall)
 
@@ -437,7 +438,7 @@ def main(argv=None) -> dict:
         rows.append(dict(arm=r["arm"], model=spec["model"], task=spec["task"], clients=spec["clients"],
                          clients_per_round=spec["clients_per_round"], rounds=spec["rounds"],
                          local_steps=spec["local_steps"], batch_size=spec["batch_size"], lr=spec["lr"],
-                         lora_r=spec["lora_r"], round_s_mean=_mean(r["round_seconds"]),
+                         lora_r=spec["lora_r"], workers=r.get("workers", 1), round_s_mean=_mean(r["round_seconds"]),
                          # Flower's actors load their models in round 1: the rounds after it are the steady state
                          round_s_after_first=_mean(r["round_seconds"][1:]),
                          round_seconds=r["round_seconds"], process_wall_s=r["process_wall_s"],
