@@ -119,8 +119,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                                     "clients_per_round/20)"),
     ("--seed", "seed", int, "seed of every RNG"),
     ("--workers", "workers", _workers, "local engine: worker processes that train a round's clients in parallel on "
-                                       "one shared backbone (default auto: on a CPU one per core, at most the "
-                                       "clients per round; on a GPU 1); see docs/federated.md"),
+                                       "one shared backbone (default auto: on a CPU one per core when the round's "
+                                       "clients fill them evenly, else 1; on a GPU 1); see docs/federated.md"),
     ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
                                 "flower-sim (Flower's Simulation Engine, Ray actors)"),
     ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),

@@ -213,12 +213,14 @@ def test_the_servers_evaluation_split_across_workers_is_the_same(tmp_path, monke
 
 def test_auto_workers_and_bad_values(monkeypatch):
     monkeypatch.setattr("fastseq.fed.workers.usable_cores", lambda: 8)
-    assert resolve_workers(None, 3, "cpu") == (3, 2)       # capped by the clients per round
-    assert resolve_workers(None, 20, "cpu") == (8, 1)      # one per core
-    assert resolve_workers(None, 20, "cuda") == (1, 8)     # a GPU: one process keeps the device
-    assert resolve_workers(4, 2, "cpu") == (2, 4)          # never more workers than clients
-    monkeypatch.setattr("fastseq.fed.workers.usable_cores", lambda: 1)
-    assert resolve_workers(2, 3, "cpu") == (2, 1)          # at least one thread each
+    assert resolve_workers(None, 3, "cpu") == (3, 1)       # capped by the clients per round, one thread each
+    assert resolve_workers(None, 16, "cpu") == (8, 1)      # one per core, two even waves
+    assert resolve_workers(None, 20, "cpu") == (1, 1)      # 20 on 8: an uneven last wave, one process is faster
+    assert resolve_workers(None, 16, "cuda") == (1, 1)     # a GPU: one process keeps the device
+    assert resolve_workers(4, 2, "cpu") == (2, 1)          # never more workers than clients
+    monkeypatch.setattr("fastseq.fed.workers.usable_cores", lambda: 2)
+    assert resolve_workers(None, 3, "cpu") == (1, 1)       # the default run: 3 clients on 2 cores
+    assert resolve_workers(None, 2, "cpu") == (2, 1)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match="workers must be (null|an integer)"):
             ExperimentConfig(workers=bad).validate()

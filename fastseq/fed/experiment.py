@@ -154,7 +154,7 @@ class ExperimentConfig:
     # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
     progress: bool | None = None
     # local engine: worker processes that train a round's clients in parallel on one shared
-    # backbone (fastseq.fed.workers); None: auto (CPU: one per core up to clients_per_round; GPU: 1)
+    # backbone (fastseq.fed.workers); None: auto (fastseq.fed.workers.resolve_workers)
     workers: int | None = None
 
     def __post_init__(self) -> None:

@@ -45,15 +45,15 @@ def usable_cores() -> int:
 
 
 def resolve_workers(requested: int | None, clients_per_round: int, device_type: str) -> tuple[int, int]:
-    """``(workers, torch threads per worker)``. ``requested`` None is auto: on a CPU as many
-    workers as the cores allow with at least one torch thread each, at most the clients per
-    round; on a GPU 1 (a single process keeps the device)."""
-    cores = usable_cores()
-    if requested is None:
-        n = 1 if device_type != "cpu" else max(1, min(clients_per_round, cores))
-    else:
-        n = max(1, min(requested, clients_per_round))
-    return n, max(1, cores // n)
+    """``(workers, torch threads per worker)``. A worker runs one torch thread: GNU OpenMP hangs
+    in a forked child that starts a parallel region after its parent had one. ``requested``
+    None is auto: on a CPU one worker per core, at most the clients per round, when the round's
+    clients fill the workers evenly (3 clients on 2 one-thread workers take two waves, slower
+    than one process on both cores: measured); otherwise, and on a GPU, 1."""
+    if requested is not None:
+        return max(1, min(requested, clients_per_round)), 1
+    n = max(1, min(clients_per_round, usable_cores()))
+    return (n if device_type == "cpu" and clients_per_round % n == 0 else 1), 1
 
 
 class ClientFailure(Exception):
