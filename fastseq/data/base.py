@@ -147,21 +147,14 @@ class Task(abc.ABC):
         ...
 
     # Optional, for an evaluation split across processes (the local engine's workers): a task
-    # that can score its batches apart implements both, with
-    # ``evaluate == reduce_eval(eval_records(...))`` bit for bit. Records are JSON values.
-    def eval_records(self, model: torch.nn.Module, examples: Sequence[dict], processor: Any,
-                     batch_size: int = 16) -> list[dict]:
-        """One record per batch of ``examples`` (batches of ``batch_size`` in order)."""
-        raise NotImplementedError(f"task {self.name!r} scores its examples in one piece only")
-
-    def reduce_eval(self, records: list[dict], processor: Any) -> dict[str, float]:
-        """The metrics of the batches whose ``records`` are given, in batch order."""
-        raise NotImplementedError(f"task {self.name!r} scores its examples in one piece only")
-
+    # that can score its batches apart defines ``eval_records(model, examples, processor,
+    # batch_size) -> list[dict]`` (one JSON record per batch, in order) and
+    # ``reduce_eval(records, processor) -> metrics``, with ``evaluate == reduce_eval(eval_records)``
+    # bit for bit (``text_classification.ClassificationEval``, ``InstructionTask``).
     @property
     def splittable_eval(self) -> bool:
-        """Whether :meth:`eval_records` / :meth:`reduce_eval` are implemented."""
-        return type(self).eval_records is not Task.eval_records
+        """Whether ``eval_records`` / ``reduce_eval`` are defined."""
+        return callable(getattr(self, "eval_records", None)) and callable(getattr(self, "reduce_eval", None))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
