@@ -793,7 +793,9 @@ def plan_inputs(cfg: ExperimentConfig, rt: Runtime):
     def update_bytes(rank: int, codec: str) -> int:
         zeros = {n: torch.zeros(s) for n, s in trimmed_shapes(shapes, axes, rank).items()}
         return len(encode(zeros, get_codec(codec, **params), round=1, client_id=str(cfg.clients - 1),
-                          method=method.name, example_count=1, extra={"train_loss": 0.0, "steps": cfg.local_steps}))
+                          method=method.name, example_count=1,
+                          # a loss of as many digits as a real one: the header is the real one's size
+                          extra={"train_loss": 0.12345678901234568, "steps": cfg.local_steps}))
 
     try:
         from ..quant import QUANTIZATIONS
@@ -821,7 +823,7 @@ def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print) -> None:
     """Every client of ``cfg.fleet`` plans itself (:mod:`.fleet`); a tier nothing fits refuses
     the run (or, with ``fleet_misfit = "drop"``, leaves its clients out). Sets ``rt.plans`` and
     loads one more backbone for each other quantization the plans chose."""
-    from .fleet import assign_tiers, fleet_table, load_fleet, plan_fleet
+    from .fleet import FleetMisfit, assign_tiers, fleet_table, load_fleet, plan_fleet
     from .hetero import check_rule, default_rule
 
     fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
@@ -836,7 +838,7 @@ def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print) -> None:
     if misfits:
         reasons = sorted({p.reason for p in misfits.values()})
         if cfg.fleet_misfit == "refuse":
-            raise ConfigError(f"{'; '.join(reasons)}; give the tier more memory or uplink, lower the run's batch "
+            raise FleetMisfit(f"{'; '.join(reasons)}; give the tier more memory or uplink, lower the run's batch "
                               f"size / max_length, add a smaller rank to rank_ladder, or pass --fleet-misfit drop "
                               f"to leave its clients out")
         echo(f"fleet: leaving out clients {', '.join(misfits)}: {'; '.join(reasons)}")
@@ -854,7 +856,7 @@ def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print) -> None:
         model, processor, method = load_backbone(cfg, rt.task, rt.data, rt.device, q)
         rt.backbones[q] = dataclasses.replace(rt, model=model, processor=processor, method=method,
                                               backbones={})
-        echo(f"fleet: loaded a {q} backbone for the tiers that chose it")
+        echo(f"fleet: loaded one more backbone, {q}, for the tiers that chose it")
 
 
 def make_evaluator(rt: Runtime):

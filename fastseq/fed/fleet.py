@@ -24,8 +24,30 @@ from ..config import ConfigError, unknown_keys_error
 TIER_KEYS = ("name", "memory", "uplink", "share", "clients", "device", "max_rank")
 FLEET_KEYS = ("tiers", "rank_ladder")
 MISFIT = ("refuse", "drop")
+# The memory model's stated tolerance (docs/quantization.md: a step's measured total within 10 %
+# of the estimate): a client plans within budget / (1 + HEADROOM), so its real step fits.
+HEADROOM = 0.10
 # Lossier codecs a client falls back to when its update does not fit its uplink, in order
 UPLINK_FALLBACK = ("none", "bf16", "int8", "nf4", "fp4")
+
+
+class FleetMisfit(ConfigError):
+    """A fleet tier that nothing fits (the run is refused; ``fastseq plan`` exits 3)."""
+
+
+def read_fleet_file(path: str) -> dict:
+    """A fleet file (TOML/YAML/JSON; a ``[fleet]`` table is unwrapped) as a checked table, the
+    form a run's config records."""
+    from .experiment import load_config_file
+
+    d = load_config_file(path)
+    if set(d) == {"fleet"} and isinstance(d["fleet"], dict):
+        d = d["fleet"]
+    try:
+        parse_fleet(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return d
 
 
 @dataclass
@@ -139,18 +161,8 @@ def parse_fleet(d: Any, r: int | None = None) -> Fleet:
 
 
 def load_fleet(source: str | dict, r: int | None = None) -> Fleet:
-    """A fleet file (TOML/YAML/JSON; a ``[fleet]`` table is unwrapped) or an already-read table."""
-    if isinstance(source, dict):
-        return parse_fleet(source, r)
-    from .experiment import load_config_file
-
-    d = load_config_file(source)
-    if set(d) == {"fleet"} and isinstance(d["fleet"], dict):
-        d = d["fleet"]
-    try:
-        return parse_fleet(d, r)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    """A fleet file (see :func:`read_fleet_file`) or an already-read table."""
+    return parse_fleet(source if isinstance(source, dict) else read_fleet_file(source), r)
 
 
 def assign_tiers(fleet: Fleet, num_clients: int, seed: int) -> dict[str, str]:
@@ -266,10 +278,11 @@ def plan_tier(tier: Tier, ladder: list[int], p: PlanInputs) -> ClientPlan:
                            **kwargs)
             q, lvl, mb = p.run_quantization, p.run_checkpoint_level, p.batch_size
         else:
-            mem = plan_memory(p.model, tier.memory, scl, batch_size=p.batch_size, quantizations=p.quantizations,
+            mem = plan_memory(p.model, int(tier.memory / (1 + HEADROOM)), scl, batch_size=p.batch_size, quantizations=p.quantizations,
                               **kwargs)
             if not mem.fits:
-                misses.append(f"rank {rank}: {mem.message}")
+                misses.append(f"rank {rank}: {mem.message} (the memory model's {HEADROOM:.0%} headroom kept "
+                              f"from {format_bytes(tier.memory)})")
                 continue
             est, q, lvl, mb = mem.estimate, mem.quantization, mem.checkpoint_level, mem.micro_batch
         codecs = [p.run_codec] + [c for c in UPLINK_FALLBACK[UPLINK_FALLBACK.index(p.run_codec) + 1:]] \
