@@ -321,3 +321,21 @@ def fleet_table(fleet: Fleet, tiers_of: dict[str, str], plans: dict[str, ClientP
         lines.append(f"  {t.name} ({len(members)} client{'s' if len(members) > 1 else ''}; {budget}): "
                      f"{plans[members[0]].describe()}")
     return "\n".join(lines)
+
+
+def measure_plan(client) -> Any:
+    """One training step of ``client`` as its plan runs it (rank, checkpoint level, micro-batch,
+    backbone), measured by the planner's own measurement path (:func:`fastseq.memory.measure_step`:
+    frozen + trainable + optimizer state + saved activations; on CUDA also the allocator's peak).
+    The step updates the shared model: measure on a runtime of its own, not a running one."""
+    from ..memory import measure_step
+
+    rt = client.rt
+    batch = next(client.batches(0))
+    batch = {k: v.to(rt.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with client.as_planned():
+        rt.model.train()
+        try:
+            return measure_step(rt.model, batch, lr=client.train_cfg.lr, loss_fn=lambda m, b: rt.task.loss(m, b))
+        finally:
+            rt.model.eval()
