@@ -202,8 +202,8 @@ def test_rules_that_make_no_sense_are_refused(method, kw, rule, said):
 
 
 @pytest.mark.parametrize("kw, said", [
-    (dict(secagg=True, engine="flower", clients_per_round=3), "engine 'flower'"), (dict(dp="central", dp_clip=1.0), "--dp central"),
-    (dict(method="fedex-lora"), "fedex-lora"), (dict(engine="flower-sim"), "engine 'flower-sim'"),
+    (dict(secagg=True, engine="flower", clients_per_round=3), "--secagg"), (dict(dp="central", dp_clip=1.0), "--dp central"),
+    (dict(method="fedex-lora"), "fedex-lora"), (dict(deepspeed={"zero_stage": 0}), "--deepspeed"),
 ])
 def test_fleet_combinations_refused(tmp_path, kw, said):
     with pytest.raises(ConfigError, match="heterogeneous fleet cannot be combined") as e:
@@ -351,3 +351,64 @@ def test_every_tier_s_measured_step_fits_its_budget():
         ids = torch.randint(0, 1024, (p.micro_batch, S), generator=torch.Generator().manual_seed(0))
         m = measure_step(model, dict(input_ids=ids, labels=ids))
         assert m.frozen + m.trainable + m.activations <= tier.memory, (tier.name, p)
+
+
+# --- Flower: each SuperNode plans itself --------------------------------------------------------
+
+def test_each_supernode_plans_its_client_and_the_serverapp_learns_the_plans(monkeypatch):
+    """Discovery asks every node for its partition; in a fleet each node also plans its client on
+    its own machine, from its --node-config budgets when it sets some (else as its fleet tier),
+    and the ServerApp gets every plan with the replies."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fastseq.flower.app import _query, discover_nodes
+    from fastseq.flower.config import to_run_config
+    from fed_helpers import flower_config
+    from test_flower_faults import _Grid
+
+    for attr, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    fleet = {"rank_ladder": [4, 2], "tiers": [{"name": "all", "share": 1.0}]}
+    rc = to_run_config(flower_config(None, clients=3, clients_per_round=2, r=4, fleet=fleet))
+    node_configs = {101: {"partition-id": 0, "num-partitions": 3},
+                    102: {"partition-id": 1, "num-partitions": 3, "max-rank": 2, "tier": "phone"},
+                    103: {"partition-id": 2, "num-partitions": 3, "memory-budget": "64KB"}}
+
+    def answer(msg):
+        node = msg.metadata.dst_node_id
+        ctx = Context(run_id=7, node_id=node, node_config=node_configs[node], state=RecordDict(), run_config=rc)
+        return _query(msg, ctx)
+
+    plans: dict = {}
+    nodes = discover_nodes(_Grid(answer, nodes=list(node_configs)), 3, wait_s=5, echo=lambda s: None, plans=plans)
+    assert nodes == {"0": 101, "1": 102, "2": 103}
+    assert plans["0"]["tier"] == "all" and plans["0"]["rank"] == 4 and plans["0"]["fits"]
+    assert plans["1"]["tier"] == "phone" and plans["1"]["rank"] == 2 and plans["1"]["fits"]
+    assert plans["2"]["tier"] == "node 2" and not plans["2"]["fits"] and "nothing fits" in plans["2"]["reason"]
+    assert plans["2"]["memory_budget"] == 64 * 1024
+    with pytest.raises(ConfigError, match="max-rank must be a positive rank"):
+        from fastseq.fed.fleet import node_tier
+
+        node_tier({"max-rank": 0}, "3")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_fleet_on_flower_sim_is_the_local_fleet(tmp_path):
+    """The same fleet on Ray actors: every node plans its client as the local engine does, and the
+    run computes what the local engine computes (plans, bytes per client, metrics, adapter)."""
+    pytest.importorskip("ray")
+    from fastseq import engines
+    from fed_helpers import assert_same_run, flower_config
+
+    fleet = {"rank_ladder": [4, 2], "tiers": [{"name": "big", "share": 0.5}, {"name": "small", "share": 0.5,
+                                                                               "max_rank": 2}]}
+    kw = dict(clients=3, clients_per_round=2, r=4, fleet=fleet, scl_train_compress=False)
+    run_experiment(flower_config(tmp_path / "local", **kw), **QUIET)
+    engines.run(flower_config(tmp_path / "sim", engine="flower-sim", client_cpus=1, **kw), **QUIET)
+    assert_same_run(tmp_path / "local", tmp_path / "sim", rounds=2, frozen_c=True)
+    a, b = history(tmp_path / "local"), history(tmp_path / "sim")
+    assert [r.get("plans") for r in a] == [r.get("plans") for r in b]
+    assert {p["rank"] for r in a[1:] for p in r["plans"].values()} == {2, 4}

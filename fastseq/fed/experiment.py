@@ -321,8 +321,7 @@ class ExperimentConfig:
                 raise ConfigError("hetero_aggregation applies to a heterogeneous fleet; pass --fleet FILE too")
             return
         parse_fleet(self.fleet, self.r if self.method == "scl" else None)
-        refuse = [(self.engine != "local", f"engine {self.engine!r} (fleets run on the local engine for now)"),
-                  (self.deepspeed is not None, "--deepspeed (a DeepSpeed client owns its devices and batch)"),
+        refuse = [(self.deepspeed is not None, "--deepspeed (a DeepSpeed client owns its devices and batch)"),
                   (self.secagg, "--secagg (masked sums need every client's update at one shape)"),
                   (self.dp == "central", "--dp central (its noise is calibrated to one update shape; use --dp local)"),
                   (self.method == "fedex-lora", "fedex-lora (its residual folds products at one rank)")]
@@ -735,7 +734,10 @@ def load_backbone(cfg: ExperimentConfig, task, data, device: torch.device, quant
     return model, processor, method
 
 
-def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
+def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) -> Runtime:
+    """The run's runtime: task data, partition, backbone(s) and method. ``plans``: a fleet's client
+    plans made elsewhere (each Flower SuperNode plans itself), instead of planning from
+    ``cfg.fleet`` here."""
     task, device = check_environment(cfg)
     data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
     model, processor, method = load_backbone(cfg, task, data, device, cfg.quantization)
@@ -772,7 +774,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     rt = Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
                  method.global_state(), eval_examples, val_examples, val_parts)
     if cfg.fleet is not None:
-        plan_fleet_run(cfg, rt, echo)
+        plan_fleet_run(cfg, rt, echo, plans)
     return rt
 
 
@@ -819,21 +821,22 @@ def plan_inputs(cfg: ExperimentConfig, rt: Runtime):
                       scl_r_of=(None if method.name == "scl" else (lambda k: max(1, round(cfg.r * k / full)))))
 
 
-def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print) -> None:
-    """Every client of ``cfg.fleet`` plans itself (:mod:`.fleet`); a tier nothing fits refuses
-    the run (or, with ``fleet_misfit = "drop"``, leaves its clients out). Sets ``rt.plans`` and
-    loads one more backbone for each other quantization the plans chose."""
+def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print, plans: dict | None = None) -> None:
+    """Every client of ``cfg.fleet`` plans itself (:mod:`.fleet`; ``plans``: planned elsewhere);
+    a tier nothing fits refuses the run (or, with ``fleet_misfit = "drop"``, leaves its clients
+    out). Sets ``rt.plans`` and loads one more backbone for each other quantization the plans chose."""
     from .fleet import FleetMisfit, assign_tiers, fleet_table, load_fleet, plan_fleet
     from .hetero import check_rule, default_rule
 
     fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
     if cfg.hetero_aggregation is not None:
         check_rule(rt.method, cfg.hetero_aggregation)
-    tiers_of = assign_tiers(fleet, cfg.clients, cfg.seed)
-    plans = plan_fleet(fleet, tiers_of, plan_inputs(cfg, rt))
+    if plans is None:
+        plans = plan_fleet(fleet, assign_tiers(fleet, cfg.clients, cfg.seed), plan_inputs(cfg, rt))
+    tiers_of = {c: p.tier for c, p in plans.items()}
     rule = cfg.hetero_aggregation or default_rule(rt.method)
-    echo(f"fleet: {len(fleet.tiers)} tiers, rank ladder {fleet.ladder(rt.method.adapter_rank)}, "
-         f"aggregation {rule}:\n{fleet_table(fleet, tiers_of, plans)}")
+    echo(f"fleet: {len(set(tiers_of.values()))} tiers, rank ladder {fleet.ladder(rt.method.adapter_rank)}, "
+         f"aggregation {rule}:\n{fleet_table(plans)}")
     misfits = {c: p for c, p in plans.items() if not p.fits}
     if misfits:
         reasons = sorted({p.reason for p in misfits.values()})
@@ -853,10 +856,30 @@ def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print) -> None:
     rt.hetero_rule = rule
     rt.backbones = {cfg.quantization: rt}
     for q in sorted({p.quantization for p in plans.values() if p.fits} - {cfg.quantization}):
-        model, processor, method = load_backbone(cfg, rt.task, rt.data, rt.device, q)
-        rt.backbones[q] = dataclasses.replace(rt, model=model, processor=processor, method=method,
-                                              backbones={})
-        echo(f"fleet: loaded one more backbone, {q}, for the tiers that chose it")
+        backbone_for(cfg, rt, q, echo)
+
+
+def backbone_for(cfg: ExperimentConfig, rt: Runtime, quantization: str, echo=print) -> Runtime:
+    """The runtime of the backbone loaded with ``quantization`` (loaded now if it is not yet)."""
+    if quantization not in rt.backbones:
+        model, processor, method = load_backbone(cfg, rt.task, rt.data, rt.device, quantization)
+        rt.backbones[quantization] = dataclasses.replace(rt, model=model, processor=processor, method=method,
+                                                         backbones={})
+        echo(f"fleet: loaded one more backbone, {quantization}, for the tiers that chose it")
+    return rt.backbones[quantization]
+
+
+def plan_node_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, tier, echo=print):
+    """A client that plans itself for its own budgets (a Flower SuperNode's node config): its
+    plan replaces the fleet tier's in ``rt.plans``; returns it."""
+    from .fleet import load_fleet, plan_tier
+
+    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
+    plan = plan_tier(tier, fleet.ladder(rt.method.adapter_rank), plan_inputs(cfg, rt))
+    rt.plans = {**(rt.plans or {}), client_id: plan}
+    if plan.fits:
+        backbone_for(cfg, rt, plan.quantization, echo)
+    return plan
 
 
 def make_evaluator(rt: Runtime):

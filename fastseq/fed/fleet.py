@@ -212,6 +212,8 @@ class ClientPlan:
     estimated_bytes: int          # peak memory of one training step (the planner's estimate)
     update_bytes: int             # the encoded uplink at this rank and codec
     reason: str = ""              # why it does not fit (empty when it fits)
+    memory_budget: int | None = None  # the tier's budgets it was planned for
+    uplink_budget: int | None = None
 
     def as_row(self) -> dict[str, Any]:
         return {"tier": self.tier, "quantization": self.quantization, "checkpoint_level": self.checkpoint_level,
@@ -269,7 +271,8 @@ def plan_tier(tier: Tier, ladder: list[int], p: PlanInputs) -> ClientPlan:
         if not ladder:
             return ClientPlan(tier.name, False, p.run_quantization, p.run_checkpoint_level, p.batch_size, 1,
                               tier.max_rank, p.run_codec, 0, 0, reason=f"tier {tier.name!r}: max_rank "
-                                                                      f"{tier.max_rank} is below every rank on the ladder")
+                                                                      f"{tier.max_rank} is below every rank on the ladder",
+                              memory_budget=tier.memory, uplink_budget=tier.uplink)
     for rank in ladder:
         scl = SCLConfig(r=p.scl_r_of(rank) if p.scl_r_of else rank, placement=p.placement, train_compress=p.train_compress)
         if tier.memory is None:
@@ -290,13 +293,14 @@ def plan_tier(tier: Tier, ladder: list[int], p: PlanInputs) -> ClientPlan:
         for codec in codecs:
             nbytes = p.update_bytes(rank, codec)
             if tier.uplink is None or nbytes <= tier.uplink:
-                return ClientPlan(tier.name, True, q, lvl, mb, p.batch_size // mb, rank, codec, est.total, nbytes)
+                return ClientPlan(tier.name, True, q, lvl, mb, p.batch_size // mb, rank, codec, est.total, nbytes,
+                                  memory_budget=tier.memory, uplink_budget=tier.uplink)
         misses.append(f"rank {rank}: the smallest update ({codecs[-1]}) is {format_bytes(nbytes)}, over the uplink "
                       f"{format_bytes(tier.uplink)}")
     last = misses[-1] if misses else "no rank on the ladder"
     return ClientPlan(tier.name, False, p.run_quantization, p.run_checkpoint_level, p.batch_size, 1, ladder[-1],
                       p.run_codec, 0, 0, reason=f"tier {tier.name!r}: nothing fits even at the ladder's lowest "
-                                                f"{last}")
+                                                f"{last}", memory_budget=tier.memory, uplink_budget=tier.uplink)
 
 
 def plan_fleet(fleet: Fleet, tiers_of: dict[str, str], p: PlanInputs) -> dict[str, ClientPlan]:
@@ -306,21 +310,35 @@ def plan_fleet(fleet: Fleet, tiers_of: dict[str, str], p: PlanInputs) -> dict[st
     return {cid: by_tier[name] for cid, name in tiers_of.items()}
 
 
-def fleet_table(fleet: Fleet, tiers_of: dict[str, str], plans: dict[str, ClientPlan]) -> str:
+def fleet_table(plans: dict[str, ClientPlan]) -> str:
     """The plans, one line per tier (what ``fastseq plan --fleet`` and a fleet run print)."""
     from ..memory import format_bytes
 
     lines = []
-    for t in fleet.tiers:
-        members = [c for c, n in tiers_of.items() if n == t.name]
-        if not members:
-            lines.append(f"  {t.name}: no clients")
-            continue
-        budget = ", ".join(x for x in (f"memory {format_bytes(t.memory)}" if t.memory else "memory unlimited",
-                                       f"uplink {format_bytes(t.uplink)}" if t.uplink else "") if x)
-        lines.append(f"  {t.name} ({len(members)} client{'s' if len(members) > 1 else ''}; {budget}): "
-                     f"{plans[members[0]].describe()}")
+    for tier in dict.fromkeys(p.tier for p in plans.values()):
+        members = [c for c, p in plans.items() if p.tier == tier]
+        p = plans[members[0]]
+        budget = ", ".join(x for x in (f"memory {format_bytes(p.memory_budget)}" if p.memory_budget
+                                       else "memory unlimited",
+                                       f"uplink {format_bytes(p.uplink_budget)}" if p.uplink_budget else "") if x)
+        lines.append(f"  {tier} ({len(members)} client{'s' if len(members) > 1 else ''}; {budget}): {p.describe()}")
     return "\n".join(lines)
+
+
+def node_tier(node_config: dict, client_id: str) -> Tier | None:
+    """A Flower SuperNode's own budgets (``--node-config "memory-budget='8GB' uplink-budget='1MB'
+    max-rank=16 tier='laptop'"``), or None when it sets none (it plans as its fleet tier)."""
+    keys = ("memory-budget", "uplink-budget", "max-rank")
+    if not any(k in node_config for k in keys):
+        return None
+    where = f"node config of client {client_id}"
+    max_rank = node_config.get("max-rank")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise ConfigError(f"{where}: max-rank must be a positive rank, got {max_rank!r}")
+    return Tier(str(node_config.get("tier") or f"node {client_id}"),
+                _size(where, "memory-budget", node_config.get("memory-budget")),
+                _size(where, "uplink-budget", node_config.get("uplink-budget")), clients=[client_id],
+                max_rank=max_rank)
 
 
 def measure_plan(client) -> Any:
