@@ -22,12 +22,7 @@ QUIET = dict(echo=lambda s: None)
 TWO_RANKS = {"tiers": [{"name": "big", "share": 0.5}, {"name": "small", "share": 0.5, "max_rank": 2}]}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # --- fleet files ------------------------------------------------------------------------------
@@ -249,10 +244,11 @@ def test_a_fleet_all_at_a_lower_rank_is_the_run_at_that_rank(tmp_path, method):
         torch.testing.assert_close(g[k][:, :2], p[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, rule", [("scl", "holders"), ("ffa-lora", "zero-pad"), ("fedavg-lora", "flexlora")])
-def test_a_two_rank_fleet_trains_and_counts_bytes_per_client(tmp_path, method, rule):
+@pytest.mark.parametrize("method, rule, kw", [("scl", "holders", {}), ("scl", "zero-pad", {"scl_placement": "residual"}),
+                                              ("ffa-lora", "zero-pad", {}), ("fedavg-lora", "flexlora", {})])
+def test_a_two_rank_fleet_trains_and_counts_bytes_per_client(tmp_path, method, rule, kw):
     cfg = tiny_config(tmp_path, fleet=TWO_RANKS, clients=4, clients_per_round=3, method=method,
-                      lora_r=None if method == "scl" else 4, hetero_aggregation=rule, rounds=2)
+                      lora_r=None if method == "scl" else 4, hetero_aggregation=rule, rounds=2, **kw)
     out = Path(run_experiment(cfg, **QUIET)["out"])
     rows = history(out)
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
