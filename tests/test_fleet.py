@@ -271,6 +271,26 @@ def test_a_fleet_with_workers_is_the_sequential_fleet(tmp_path):
     assert_bit_identical(Path(seq["out"]), Path(par["out"]))
 
 
+@pytest.mark.parametrize("method, rule", [("scl", "holders"), ("fedsa-lora", "hetlora")])
+def test_an_interrupted_fleet_run_resumes_to_the_uninterrupted_result(tmp_path, method, rule):
+    """Each client's state (its error feedback, FedSA-LoRA's local B) is kept at its own rank, the
+    server's at the full rank: a run stopped after round 1 and resumed equals the uninterrupted one."""
+    from fastseq.fed.engine import Hooks
+
+    class Interrupt(Hooks):
+        def on_round_end(self, round, record):
+            if round == 1:
+                raise KeyboardInterrupt("Ctrl-C after round 1")
+
+    kw = dict(fleet=TWO_RANKS, clients=4, clients_per_round=3, method=method, hetero_aggregation=rule,
+              lora_r=None if method == "scl" else 4, codec="int8", error_feedback=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(tmp_path, "cut", **kw), hooks=Interrupt(), **QUIET)
+    run_experiment(tiny_config(tmp_path, "cut", **kw), resume=True, **QUIET)
+    full = run_experiment(tiny_config(tmp_path, "full", **kw), **QUIET)
+    assert_bit_identical(tmp_path / "cut", Path(full["out"]))
+
+
 def test_a_tier_nothing_fits_is_refused_or_dropped(tmp_path, capsys):
     fleet = {"tiers": [{"name": "ok", "share": 0.5}, {"name": "tiny", "share": 0.5, "memory": "64KB"}]}
     with pytest.raises(FleetMisfit) as e:
