@@ -175,8 +175,8 @@ class MLflowTracker(_Tracker):
 
         uri = state.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        self.client = MlflowClient(tracking_uri=uri)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+        self.client = MlflowClient(tracking_uri=uri)
         run_id = state.get("run_id")
         if run_id and resume:
             self.client.update_run(run_id, status="RUNNING")
