@@ -251,12 +251,12 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                        help=_with_default(key, hlp.replace("{default_lrs}", default_lrs_text())))
     p.add_argument("--dataset", dest="data_path", default=None, metavar="PATH_OR_ID",
                    help="--task hf: a save_to_disk folder, a parquet/json/jsonl/csv file or folder, or a hub id (the "
-                        "same setting as --data-path)")
+                        "same setting as --data-path; default: none)")
     for flag, key, hlp in TASK_COLUMN_FLAGS:
-        p.add_argument(flag, dest=key, default=None, metavar="COLUMN", help=f"--task hf, {hlp} (a task option)")
+        p.add_argument(flag, dest=key, default=None, metavar="COLUMN", help=f"--task hf, {hlp} (a task option; default: none)")
     p.add_argument("--partitioner-options", dest="partitioner_options", type=_json_table, default=None,
                    metavar="JSON", help="the --partitioner's other arguments, e.g. '{\"num_shards_per_partition\": 2}' "
-                                        "or '{\"self_balancing\": true}'")
+                                        "or '{\"self_balancing\": true}' (default: {}, the class's own defaults)")
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
                    help=_with_default("deepspeed", 'train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' '
                                                    '(see docs/deployment.md)'))
