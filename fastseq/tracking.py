@@ -282,7 +282,11 @@ class TrackioTracker(_Tracker):
                 if (out / "adapter").is_dir():
                     self.run.log_artifact(str(out / "adapter"), name=_safe_name(f"{self.run.name}-adapter"),
                                           type="model")
-            self.run.finish()
+            current = getattr(getattr(trackio, "context_vars", None), "current_run", None)
+            if current is not None and current.get() is self.run:
+                trackio.finish()  # also forgets it as trackio's current run (else its atexit finishes it again)
+            else:
+                self.run.finish()
 
     def where(self):
         return f"trackio project {self.state['project']!r} run {self.state['name']!r} in {self.state['dir']}"
@@ -300,8 +304,8 @@ class Trackers:
                  echo: Callable[[str], None] = print) -> None:
         self.out, self.echo, self.active, self.done = Path(out), echo, [], False
         saved = self._read_state() if resume else {}
-        self.logged = int(saved.get("logged_round", -1)) if names else -1
         self.state: dict[str, Any] = {}
+        self.logged: dict[str, int] = {}  # the last round each tracker got (one added on resume: none)
         for n in names:
             try:
                 tracker = CLASSES[n](self.out, saved.get(n, {}), config, resume and n in saved)
@@ -311,6 +315,7 @@ class Trackers:
                                   f"{' '.join(str(e).split())[:300]})") from None
             self.active.append(tracker)
             self.state[n] = tracker.state
+            self.logged[n] = int(saved.get("logged_rounds", {}).get(n, -1)) if n in saved else -1
             echo(f"report_to {n}: {tracker.where()}")
         if self.active:
             self._write_state()
@@ -326,7 +331,7 @@ class Trackers:
         from ._atomic import atomic_write_bytes
 
         atomic_write_bytes(self.out / STATE_FILE,
-                           json.dumps({**self.state, "logged_round": self.logged}, indent=1).encode())
+                           json.dumps({**self.state, "logged_rounds": self.logged}, indent=1).encode())
 
     def _each(self, what: str, fn: Callable[[_Tracker], None]) -> None:
         for t in list(self.active):
@@ -340,15 +345,18 @@ class Trackers:
     def log(self, row: dict[str, Any]) -> None:
         """Send one metrics row (step = its round) unless the trackers had it already."""
         step = int(row.get("round", 0))
-        if not self.active or step <= self.logged:
+        behind = [t for t in self.active if self.logged[t.name] < step]
+        if not behind:
             return
         metrics = metrics_of(row)
-        self._each("log", lambda t: t.log(metrics, step))
-        self.logged = step
+        self._each("log", lambda t: t.log(metrics, step) if t in behind else None)
+        for t in behind:
+            self.logged[t.name] = step
         self._write_state()
 
     def catch_up(self, history: list[dict[str, Any]]) -> None:
-        """Resuming: send the rows the trackers missed (a stop between a checkpoint and its log)."""
+        """Resuming: send each tracker the rows it missed (a stop between a checkpoint and its log;
+        every row for a tracker added on resume)."""
         for row in history:
             self.log(row)
 

@@ -325,7 +325,8 @@ class ExperimentConfig:
 
             p = os.path.expanduser(str(self.data_path))
             if not os.path.exists(p) and not looks_like_hub_id(p):
-                raise ConfigError(f"data_path {self.data_path!r} does not exist (and is not a hub id 'owner/name')")
+                raise ConfigError(f"data_path {self.data_path!r} (--data-path / --dataset) does not exist (and is not a hub "
+                                  f"id 'owner/name')")
 
     def _validate_fleet(self, choice) -> None:
         from .fleet import MISFIT, parse_fleet
