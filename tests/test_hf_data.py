@@ -191,3 +191,28 @@ def test_without_flwr_datasets_the_extra_is_named(monkeypatch, tmp_path, capsys)
     err = capsys.readouterr().err
     assert 'needs flwr-datasets, which is not installed: pip install "fastseq[hf-data]"' in err
     assert not Path(tmp_path / "run").exists()
+
+
+def test_an_unreachable_source_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no hub here, whatever the machine
+    task = get_task("hf", text_column="sentence", label_column="label")
+    with pytest.raises(DataError, match="does not exist; pass a save_to_disk folder"):
+        task.load(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="could not load hub dataset 'nobody/no-such-dataset' .*save_to_disk"):
+        task.load("nobody/no-such-dataset")
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type .xlsx"):
+        task.load(str(tmp_path / "t.xlsx"))
+
+
+def test_partition_settings_travel_to_flower():
+    """The Flower engines rebuild the config from the run config: the new keys survive it."""
+    import tomllib
+
+    from fastseq.flower.config import from_run_config, project_toml, to_run_config
+
+    cfg = ExperimentConfig(model="tiny-bert", task="hf", data_path=".", task_options={"text_column": "t",
+                           "label_column": "l"}, partitioner="ShardPartitioner", partition_by="user",
+                           partitioner_options={"num_shards_per_partition": 2}, report_to=["tensorboard", "mlflow"])
+    back, _ = from_run_config(tomllib.loads(project_toml(to_run_config(cfg)))["tool"]["flwr"]["app"]["config"])
+    assert back == cfg
