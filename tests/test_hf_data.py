@@ -216,3 +216,14 @@ def test_partition_settings_travel_to_flower():
                            partitioner_options={"num_shards_per_partition": 2}, report_to=["tensorboard", "mlflow"])
     back, _ = from_run_config(tomllib.loads(project_toml(to_run_config(cfg)))["tool"]["flwr"]["app"]["config"])
     assert back == cfg
+
+
+def test_a_histogram_of_many_keys_gives_sizes_not_a_column_each():
+    from fastseq.fed.partition import format_histogram
+
+    keys = [f"user{i % 30}" for i in range(300)]
+    parts = [[i for i in range(300) if i % 30 in (k, k + 15)] for k in range(15)]  # two users per client
+    text = format_histogram(keys, parts, max_keys=24).splitlines()
+    assert text[0].startswith("30 distinct keys;") and len(text) == 16
+    assert text[1].split() == ["0", "20", "2", "user0"]
+    assert len(format_histogram(keys, parts).splitlines()[0].split()) == 32  # without max_keys: a column per key

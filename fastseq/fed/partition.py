@@ -153,7 +153,7 @@ def format_histogram(keys: Sequence[Hashable], parts: Sequence[Sequence[int]],
         shown = range(len(hist)) if max_rows is None or len(hist) <= max_rows else \
             [*range(max_rows // 2), *range(len(hist) - max_rows // 2, len(hist))]
         for i in shown:
-            top = max(hist[i].items(), key=lambda kv: (kv[1], str(kv[0])))[0] if hist[i] else "-"
+            top = min(hist[i].items(), key=lambda kv: (-kv[1], str(kv[0])))[0] if hist[i] else "-"  # ties: first
             lines.append(f"{i:>6} {sum(hist[i].values()):>9} {len(hist[i]):>5}  {str(top)[:30]}")
         if len(shown) < len(hist):
             lines.insert(1 + max_rows // 2, f"   ... {len(hist) - len(shown)} more clients")
