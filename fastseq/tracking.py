@@ -244,7 +244,8 @@ class WandbTracker(_Tracker):
                 self.run.log({"curves": wandb.Image(str(out / "curves.png"))}, step=max(self.step, 0))
             if (out / "adapter").is_dir():
                 art = wandb.Artifact(_safe_name(f"{out.name}-adapter"), type="model")
-                art.add_dir(str(out / "adapter"))
+                with contextlib.redirect_stderr(io.StringIO()):  # "Adding directory to artifact ... Done."
+                    art.add_dir(str(out / "adapter"))
                 self.run.log_artifact(art)
         self.run.finish(exit_code=1 if failed else 0)
 
@@ -351,7 +352,8 @@ class Trackers:
         metrics = metrics_of(row)
         self._each("log", lambda t: t.log(metrics, step) if t in behind else None)
         for t in behind:
-            self.logged[t.name] = step
+            if t in self.active:  # not one that failed just now: a resume sends it this row again
+                self.logged[t.name] = step
         self._write_state()
 
     def catch_up(self, history: list[dict[str, Any]]) -> None:

@@ -174,3 +174,29 @@ def test_no_tracker_writes_no_tracking_file(tmp_path):
     assert main([*RUN, "--rounds", "1", "--out", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "tracking.json").exists()
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["report_to"] == []
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    assert main([*RUN, "--rounds", "1", "--report-to", "tensorboard,mlflow", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--report-to mlflow could not start" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path, capsys, monkeypatch):
+    from fastseq.tracking import TensorBoardTracker
+
+    real = TensorBoardTracker.log
+
+    def flaky(self, metrics, step):
+        if step == 1:
+            raise OSError("disk full")
+        real(self, metrics, step)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", flaky)
+    out = tmp_path / "run"
+    assert main([*RUN, "--rounds", "2", "--report-to", "tensorboard", "--out", str(out)]) == 0
+    assert "warning: report_to tensorboard failed to log (OSError: disk full)" in capsys.readouterr().out
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert json.loads((out / "tracking.json").read_text())["logged_rounds"] == {"tensorboard": 0}
