@@ -253,7 +253,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    help="--task hf: a save_to_disk folder, a parquet/json/jsonl/csv file or folder, or a hub id (the "
                         "same setting as --data-path; default: none)")
     for flag, key, hlp in TASK_COLUMN_FLAGS:
-        p.add_argument(flag, dest=key, default=None, metavar="COLUMN", help=f"--task hf, {hlp} (a task option; default: none)")
+        p.add_argument(flag, dest=key, default=None, metavar="COLUMN",
+                       help=f"--task hf, {hlp} (a task option; default: none)")
     p.add_argument("--partitioner-options", dest="partitioner_options", type=_json_table, default=None,
                    metavar="JSON", help="the --partitioner's other arguments, e.g. '{\"num_shards_per_partition\": 2}' "
                                         "or '{\"self_balancing\": true}' (default: {}, the class's own defaults)")

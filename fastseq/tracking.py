@@ -112,6 +112,11 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:100] or "run"
 
 
+def _code_block(d: dict[str, Any]) -> str:
+    """A table as a JSON code block (TensorBoard's text plugin renders markdown)."""
+    return "```\n" + json.dumps(d, indent=1, sort_keys=True, default=str) + "\n```"
+
+
 @contextlib.contextmanager
 def _quiet_stdout():
     """trackio prints its banners to stdout; fastseq's own lines say where it logs."""
@@ -142,7 +147,7 @@ class TensorBoardTracker(_Tracker):
         self.state = {"log_dir": state.get("log_dir") or str(out / "tensorboard")}
         self.writer = SummaryWriter(log_dir=self.state["log_dir"])
         if not resume:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, sort_keys=True, default=str) + "\n```")
+            self.writer.add_text("config", _code_block(config))
             self.writer.flush()
 
     def log(self, metrics, step):
@@ -158,7 +163,7 @@ class TensorBoardTracker(_Tracker):
             img = matplotlib.image.imread(str(curves))[..., :3]
             self.writer.add_image("curves", img, summary.get("rounds", 0), dataformats="HWC")
         if summary is not None:
-            self.writer.add_text("summary", "```\n" + json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n```")
+            self.writer.add_text("summary", _code_block(summary))
         self.writer.close()
 
     def where(self):
@@ -175,7 +180,8 @@ class MLflowTracker(_Tracker):
 
         uri = state.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+        # not "Creating initial MLflow database tables" at every run
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
         run_id = state.get("run_id")
         if run_id and resume:

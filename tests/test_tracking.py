@@ -98,8 +98,8 @@ def _check_trackers(out, hist, trackio_dir, rounds, names=TRACKERS):
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     run = client.get_run(state["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.01"
-    assert run.data.params["task"] == "synthetic" and run.data.params["report_to"] == json.dumps(["tensorboard", "mlflow",
-                                                                                                   "wandb"])
+    assert run.data.params["task"] == "synthetic"
+    assert run.data.params["report_to"] == json.dumps(["tensorboard", "mlflow", "wandb"])
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "accuracy"))
     assert history == [(r, pytest.approx(a)) for r, a in enumerate(acc)]
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
