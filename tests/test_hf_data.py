@@ -227,3 +227,16 @@ def test_a_histogram_of_many_keys_gives_sizes_not_a_column_each():
     assert text[0].startswith("30 distinct keys;") and len(text) == 16
     assert text[1].split() == ["0", "20", "2", "user0"]
     assert len(format_histogram(keys, parts).splitlines()[0].split()) == 32  # without max_keys: a column per key
+
+
+def test_an_unlabelled_test_split_says_to_pick_another(tmp_path):
+    ds = _table(12)
+    unlabelled = ds.cast_column("label", datasets.Value("int64")).map(lambda r: {"label": -1})
+    unlabelled = unlabelled.cast_column("label", ds.features["label"])
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(4)), "test": unlabelled}).save_to_disk(
+        str(tmp_path / "glue-like"))
+    with pytest.raises(DataError, match="its test split is unlabelled .*test_split"):
+        get_task("hf", text_column="sentence", label_column="label").load(str(tmp_path / "glue-like"))
+    data = get_task("hf", text_column="sentence", label_column="label", test_split="validation").load(
+        str(tmp_path / "glue-like"))
+    assert len(data.test) == 4 and len(data.train) == 12

@@ -197,6 +197,9 @@ class HFClassificationTask(_HFMixin, TextClassificationTask):
             e["meta"] = {c: r[c] for c in meta}
         test = None
         if test_rows is not None:
+            if any(r[self.label_column] == -1 for r in test_rows):  # GLUE-style unlabelled test split
+                raise DataError(f"{source}: its test split is unlabelled (label -1); set task option test_split to a "
+                                f"labelled split (e.g. task_options = {{test_split = \"validation\"}}).")
             test, _ = self._rows_to_examples(test_rows, f"{source} (test)", names)
             for e, r in zip(test, test_rows):
                 e["meta"] = {c: r.get(c) for c in meta}
