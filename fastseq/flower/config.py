@@ -32,7 +32,8 @@ FLOWER_KEYS: dict[str, Any] = {
 }
 
 # ExperimentConfig fields that are tables or lists: sent as JSON strings; the value for "".
-JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None, "scl_layers": None, "fleet": None}
+JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None, "scl_layers": None, "fleet": None,
+                               "partitioner_options": {}, "report_to": []}
 
 APP_NAME = "fastseq-flower"
 SERVERAPP = "fastseq.flower.app:server_app"
