@@ -7,6 +7,8 @@ no hub): the same seed gives the same weights on every call, as a download would
 
 from __future__ import annotations
 
+import os
+
 import torch
 import transformers as tf
 from peft import LoraConfig
@@ -65,8 +67,13 @@ class TinyModels:
 
     @classmethod
     def from_pretrained(cls, model_id, dtype=None):
+        if os.path.isdir(model_id):  # a model saved with save_pretrained (merge tests reload it)
+            architecture = tf.AutoConfig.from_pretrained(model_id).architectures[0]
+            return getattr(tf, architecture).from_pretrained(model_id, dtype=dtype).eval()
         torch.manual_seed(0)  # the same weights on every call
         model = BUILDERS[model_id]()
+        if hasattr(model, "config"):  # what from_pretrained records (PEFT saves and its tests compare it)
+            model.config._name_or_path = model.name_or_path = model_id
         if dtype is not None:
             model = model.to(dtype)
             if isinstance(model, MLPWithFFNBlocks):

@@ -60,6 +60,11 @@ from .cases import FEATURE_EXTRACTION_MODELS as PEFT_FEATURE_EXTRACTION_MODELS_T
 from .cases import TinyModels
 
 
+def skip_non_prompt_learning(config_cls):
+    if not issubclass(config_cls, PromptLearningConfig):
+        pytest.skip("Skip tests that are not prompt learning")
+
+
 def skip_deberta_lora_tests(config_cls, model_id):
     if "deberta" not in model_id.lower():
         return
