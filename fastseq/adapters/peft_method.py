@@ -90,6 +90,8 @@ class SCLPeftConfig(PeftConfig):
     init_seed: Optional[int] = field(default=0, metadata={"help": "seed of C's init; None: torch's global RNG"})
     train_down_proj: bool = field(default=False, metadata={"help": "not supported under PEFT"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "transformer layers to adapt; None: all"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={
+        "help": "PEFT's name for layers (an index or a list); give either"})
     checkpoint_level: int = field(default=1, metadata={"help": "0, 1 or 2 (docs/design.md §2)"})
     backend: str = field(default="auto", metadata={"help": "'auto', 'torch' or 'triton'"})
     init_weights: bool = field(default=True, metadata={
@@ -110,6 +112,13 @@ class SCLPeftConfig(PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise AdapterError(f"init_weights must be True (start as the base model) or False (a small random "
                                f"E / P), got {self.init_weights!r}")
+        if self.layers_to_transform is not None:
+            wanted = ([self.layers_to_transform] if isinstance(self.layers_to_transform, int)
+                      else list(self.layers_to_transform))
+            if self.layers is not None and list(self.layers) != wanted:
+                raise AdapterError(f"layers={self.layers} and layers_to_transform={self.layers_to_transform} (PEFT's "
+                                   f"name for the same setting) differ; give one of them")
+            self.layers = wanted
         if isinstance(self.target_modules, set):  # PEFT may hand back a set; keep the saved config a sorted list
             self.target_modules = sorted(self.target_modules)
         self.to_scl_config()  # validates every SCL field with fastseq's messages

@@ -74,6 +74,8 @@ from peft import (
 from .testing_common import PeftCommonTester
 from .testing_utils import hub_online_once, set_init_weights_false
 
+from fastseq import SCLPeftConfig
+
 from .cases import DECODER_CONFIGS as ALL_CONFIGS
 from .cases import DECODER_MODELS as PEFT_DECODER_MODELS_TO_TEST
 from .cases import TinyModels
@@ -212,7 +214,7 @@ class TestDecoderModels(PeftCommonTester):
     @pytest.mark.parametrize("model_id", PEFT_DECODER_MODELS_TO_TEST)
     @pytest.mark.parametrize("config_cls,config_kwargs", ALL_CONFIGS)
     def test_mixed_adapter_batches(self, model_id, config_cls, config_kwargs):
-        if config_cls != LoraConfig:
+        if config_cls not in (LoraConfig, SCLPeftConfig):  # fastseq: + SCLPeftConfig
             pytest.skip("Mixed adapter batches not supported for this config.")
         _skip_alora_no_activation(config_cls, config_kwargs)
         config_kwargs = set_init_weights_false(config_cls, config_kwargs)
@@ -221,7 +223,7 @@ class TestDecoderModels(PeftCommonTester):
     @pytest.mark.parametrize("model_id", PEFT_DECODER_MODELS_TO_TEST)
     @pytest.mark.parametrize("config_cls,config_kwargs", ALL_CONFIGS)
     def test_generate_with_mixed_adapter_batches(self, model_id, config_cls, config_kwargs):
-        if config_cls != LoraConfig:
+        if config_cls not in (LoraConfig, SCLPeftConfig):  # fastseq: + SCLPeftConfig
             pytest.skip("Mixed adapter batches not supported for this config.")
         config_kwargs = set_init_weights_false(config_cls, config_kwargs)
         self._test_generate_with_mixed_adapter_batches_and_beam_search(model_id, config_cls, config_kwargs.copy())

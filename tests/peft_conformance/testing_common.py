@@ -83,7 +83,7 @@ from fastseq.adapters.peft_method import SCLPeftConfig  # fastseq: SCL's entries
 
 
 def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):
-    if issubclass(config_cls, SCLPeftConfig):  # fastseq: test_scl_specific.py checks the error instead
+    if issubclass(config_cls, SCLPeftConfig):  # fastseq: tests/test_multi_adapter.py checks the error
         pytest.skip("SCL is nonlinear (sigma between C and E / P): it cannot be merged into the base weights")
     if issubclass(config_cls, PromptLearningConfig):
         pytest.skip("Prompt learning does not support merging, skipping this test.")

@@ -38,7 +38,7 @@ COMMON_EDITS = [
      "from fastseq.adapters.peft_method import SCLPeftConfig  # fastseq: SCL's entries in the method gates below\n"),
     ("def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):\n",
      "def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):\n"
-     "    if issubclass(config_cls, SCLPeftConfig):  # fastseq: test_scl_specific.py checks the error instead\n"
+     "    if issubclass(config_cls, SCLPeftConfig):  # fastseq: tests/test_multi_adapter.py checks the error\n"
      "        pytest.skip(\"SCL is nonlinear (sigma between C and E / P): it cannot be merged into the base weights\")\n"),
     ("    if config_cls not in (IA3Config, LoHaConfig, LoKrConfig, LoraConfig):\n"
      "        pytest.skip(\"This PEFT method does not support Conv1D layers, skipping this test.\")",
@@ -49,6 +49,17 @@ COMMON_EDITS = [
     ("        if config_cls not in (LoraConfig,):\n            # note: RoAD",
      "        if config_cls not in (LoraConfig, SCLPeftConfig):  # fastseq: + SCLPeftConfig\n            # note: RoAD"),
 ]
+
+
+# Edits of the kept test methods, per module: the same gates as in testing_common.py.
+MODULE_EDITS = {
+    "tests/test_decoder_models.py": [
+        ('        if config_cls != LoraConfig:\n            pytest.skip("Mixed adapter batches not supported for this '
+         'config.")',
+         '        if config_cls not in (LoraConfig, SCLPeftConfig):  # fastseq: + SCLPeftConfig\n'
+         '            pytest.skip("Mixed adapter batches not supported for this config.")', 2),
+    ],
+}
 
 
 def show(git_dir: str, commit: str, path: str) -> str:
@@ -121,8 +132,8 @@ def main(git_dir: str, commit: str) -> None:
         ("tests/test_decoder_models.py", "TestDecoderModels", "ALL_CONFIGS",
          ["_skip_if_not_conv1d_supported", "_skip_alora_no_activation", "_skip_osf_disable_adapter_test",
           "check_beft_config"],
-         "from .cases import DECODER_CONFIGS as ALL_CONFIGS\nfrom .cases import DECODER_MODELS as "
-         "PEFT_DECODER_MODELS_TO_TEST\nfrom .cases import TinyModels",
+         "from fastseq import SCLPeftConfig\n\nfrom .cases import DECODER_CONFIGS as ALL_CONFIGS\n"
+         "from .cases import DECODER_MODELS as PEFT_DECODER_MODELS_TO_TEST\nfrom .cases import TinyModels",
          "    transformers_class = TinyModels", ""),
         ("tests/test_feature_extraction_models.py", "TestPeftFeatureExtractionModel", "ALL_CONFIGS",
          ["skip_non_prompt_learning", "skip_deberta_lora_tests", "skip_deberta_pt_tests", "deberta_beft_tests"],
@@ -134,6 +145,12 @@ def main(git_dir: str, commit: str) -> None:
         src = show(git_dir, commit, path)
         header = "\n".join(src.split("\n")[:LICENSE_HEADER_LINES])
         imports, funcs, prepare, methods, kept = extract(src, cls, case_list, helpers)
+        body = "\n\n".join(methods)
+        for old, new, count in MODULE_EDITS.get(path, []):
+            if body.count(old) != count:
+                raise SystemExit(f"{path} at {commit}: expected {count} x {old!r}")
+            body = body.replace(old, new)
+        methods = [body]
         write_module(HERE / Path(path).name, header, commit, path, imports, funcs, cases_import,
                      f"class {cls}(PeftCommonTester):", attrs, prepare, methods, extra)
         print(f"{Path(path).name}: {len(kept)} test methods")
