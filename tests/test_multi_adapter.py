@@ -327,3 +327,31 @@ def test_native_adapter_lifecycle_and_errors():
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, build("llama")(**batch).logits, rtol=0, atol=0)
     fastseq.get_scl_model(model, SCLConfig(r=2))  # and takes a new adapter like any base
+
+
+# --- a federated method on two adapters: FedSA-style personalisation for SCL ----------------
+
+def test_fedsa_scl_shares_the_global_adapter_and_keeps_the_personal_one(tmp_path):
+    from fastseq.fed.engine import run_experiment
+    from fastseq.fed.methods import get_method
+    from fastseq.models import load_model
+
+    from fed_helpers import history, tiny_config
+
+    model, _ = load_model("tiny-bert", "text-classification", num_labels=3)
+    method = get_method("fedsa-scl", r=4)
+    method.prepare(model, ["classifier"], seed=0)
+    shared, local = set(method.shared_names()), set(method.local_names())
+    assert method.personalized and shared and local and not shared & local
+    assert all(".scl_adapters.personal." in n for n in local)
+    assert all(".scl." in n or n.startswith("classifier") for n in shared)
+    assert any(".compress." in n for n in method.lr_groups()["compress"]) is method.scl_train_compress
+    assert model.fastseq_selection.active == ["default", "personal"]
+
+    cfg = tiny_config(tmp_path, method="fedsa-scl", rounds=2)
+    run_experiment(cfg, echo=lambda s: None)
+    hist = history(cfg.out)
+    assert hist[-1]["personalized"] and len(hist[-1]["per_client_accuracy"]) == 3
+    assert hist[-1]["train_loss"] < hist[1]["train_loss"]
+    saved = fastseq.adapters.read_adapter_config(Path(cfg.out) / "adapter")  # the global adapter, fastseq's format
+    assert saved["scl_config"]["r"] == cfg.r

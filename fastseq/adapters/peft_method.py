@@ -13,10 +13,12 @@ is replaced.
 
 Structure. Each targeted FFN entry module (the module whose forward computes the FFN, as the
 fastseq registry finds it) is wrapped in an `SCLTunerLayer` (``base_layer`` = the original
-module) holding C in ``scl_compress[adapter]`` and E / P in ``scl_out[adapter]``, so PEFT's
-own state-dict logic saves ``<entry>.scl_compress.weight`` / ``<entry>.scl_out.weight``. The
-forward is fastseq's `SCLFeedForward`: the reference path (level 0) or the fused
-``kernels.scl_ffn`` path (levels 1, 2), exactly as with `get_scl_model`.
+module) holding, per adapter, C in ``scl_compress[adapter]`` (buffers when frozen) and E / P in
+``scl_out[adapter]``, so PEFT's own state-dict logic saves ``<entry>.scl_compress.weight`` /
+``<entry>.scl_out.weight``. The forward is fastseq's `SCLFeedForward` per adapter: the reference
+path (level 0) or the fused ``kernels.scl_ffn`` path (levels 1, 2), exactly as with
+`get_scl_model`; several adapters (PEFT's add_adapter / set_adapter / delete_adapter, and
+mixed-adapter batches) go through `scl.run_adapters` / `scl.run_mixed_batch`.
 """
 
 from __future__ import annotations
@@ -279,9 +281,6 @@ class SCLTunerModel(BaseTuner):
                 f"not single projections such as up_proj / down_proj; name FFN modules (e.g. {entries[0]!r} or its "
                 f"last part), select transformer layers with layers=[...], or leave target_modules=None for every FFN")
         return chosen
-
-    def _check_new_adapter_config(self, config: SCLPeftConfig) -> None:
-        super()._check_new_adapter_config(config)
 
     def _create_and_replace(self, peft_config: SCLPeftConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, parameter_name=None) -> None:

@@ -571,17 +571,23 @@ def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[
     return model
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> None:
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make `adapter_name` the active SCL adapter of a `get_scl_model` model, as PEFT's
-    ``set_adapter``: it runs and trains, the others are frozen (``model.fastseq_adapter`` is it)."""
-    adapters = _named_adapter(model, adapter_name)
+    ``set_adapter``: it runs and trains, the others are frozen (``model.fastseq_adapter`` is it).
+    A list activates several: their branches add (on the reference path), all of them train,
+    and ``model.fastseq_adapter`` is the first."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise AdapterError("set_adapter needs at least one adapter name (disable_adapter(model) runs the base model)")
+    for name in names:
+        adapters = _named_adapter(model, name)
     for name, state in adapters.items():
         for scl in state.scl_layers().values():
-            scl.requires_grad_(name == adapter_name)
+            scl.requires_grad_(name in names)
             if not state.config.train_compress:
                 scl.compress.requires_grad_(False)
-    model.fastseq_selection.active = [adapter_name]
-    model.fastseq_adapter = adapters[adapter_name]
+    model.fastseq_selection.active = names
+    model.fastseq_adapter = adapters[names[0]]
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -607,8 +613,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         for attr in ("fastseq_adapters", "fastseq_adapter", "fastseq_selection"):
             delattr(model, attr)
         return
-    if adapter_name in model.fastseq_selection.active:
-        set_adapter(model, sorted(adapters)[0])
+    active = model.fastseq_selection.active
+    if adapter_name in active:
+        set_adapter(model, [a for a in active if a != adapter_name] or sorted(adapters)[0])
 
 
 @contextmanager
