@@ -318,7 +318,11 @@ def test_native_adapter_lifecycle_and_errors():
         with fastseq.adapters.mixed_adapter_batch(model, ["nope", "default"]):
             pass
 
-    fastseq.adapters.delete_adapter(model, "default")  # the active one: "other" takes over
+    fastseq.adapters.set_adapter(model, ["default", "other"])  # both run (branches add) and train
+    names = fastseq.scl_parameter_names(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    assert any(".scl_adapters.other." in n for n in names) and any(".mlp.scl." in n for n in names)
+    fastseq.adapters.delete_adapter(model, "default")  # an active one: "other" stays
     assert model.fastseq_adapter.name == "other"
     assert not hasattr(model.model.layers[0].mlp, "scl")
     fastseq.adapters.delete_adapter(model, "other")  # the last one: the base model is back

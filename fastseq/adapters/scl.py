@@ -667,10 +667,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def scl_parameter_names(model: nn.Module) -> list[str]:
+    """What the active adapter trains (all active adapters', when `set_adapter` gave several)."""
     state = getattr(model, "fastseq_adapter", None)
     if state is None:
         raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
-    return state.parameter_names(model)
+    adapters = adapters_of(model)
+    names = state.parameter_names(model)
+    for other in model.fastseq_selection.active[1:]:
+        names += [n for n in adapters[other].parameter_names(model) if n not in names]
+    return names
 
 
 class ParameterCount(NamedTuple):
