@@ -359,3 +359,13 @@ def test_fedsa_scl_shares_the_global_adapter_and_keeps_the_personal_one(tmp_path
     assert hist[-1]["train_loss"] < hist[1]["train_loss"]
     saved = fastseq.adapters.read_adapter_config(Path(cfg.out) / "adapter")  # the global adapter, fastseq's format
     assert saved["scl_config"]["r"] == cfg.r
+    # each client kept its own personal adapter, trained away from its zero init, and nothing else
+    from safetensors.torch import load_file
+
+    states = [load_file(sorted((Path(cfg.out) / "clients" / c).glob("round_*.safetensors"))[-1])
+              for c in ("client_0", "client_1", "client_2")]
+    personal = [{k: v for k, v in st.items() if k.startswith("local")} for st in states]
+    assert all(p and all(".scl_adapters.personal." in k for k in p) for p in personal)
+    outs = [{k: v for k, v in p.items() if ".project." in k} for p in personal]
+    assert all(any(v.abs().sum() > 0 for v in o.values()) for o in outs)
+    assert not all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
