@@ -78,7 +78,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model: hub id, local folder, all-MiniLM-L6-v2 or a tiny-* model"),
     ("--task", "task", str, "task name (bbc-news, synthetic, medquad, dolly, ...)"),
     ("--data-path", "data_path", str, "local data file/folder or hub id for the task"),
-    ("--method", "method", str, "scl | fedavg-lora | ffa-lora | fedsa-lora | fedex-lora"),
+    ("--method", "method", str, "scl | fedsa-scl | fedavg-lora | ffa-lora | fedsa-lora | fedex-lora"),
     ("--rounds", "rounds", int, "federated rounds"),
     ("--clients", "clients", int, "number of clients"),
     ("--clients-per-round", "clients_per_round", int, "clients sampled per round"),
