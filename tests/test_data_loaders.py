@@ -20,7 +20,11 @@ def fx(*parts):
 def test_registry_lists_all_tasks_and_kinds():
     names = set(list_tasks())
     assert {"synthetic", "synthetic-image", "bbc-news", "icd10", "medquad", "dolly", "chatterbot-qa",
-            "brain-tumor", "image-folder", "text-classification", "instruction"} <= names
+            "brain-tumor", "image-folder", "text-classification", "instruction", "hf"} <= names
+    # any HF dataset: its kind comes from the columns it is given (tests/test_hf_data.py)
+    with pytest.raises(DataError, match="task 'hf' needs --text-column and --label-column"):
+        get_task("hf")
+    names.discard("hf")
     kinds = {n: get_task(n).kind for n in names}
     assert kinds["bbc-news"] == kinds["synthetic"] == kinds["icd10"] == "text-classification"
     assert kinds["medquad"] == kinds["dolly"] == kinds["chatterbot-qa"] == "causal-lm"
