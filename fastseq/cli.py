@@ -1,4 +1,4 @@
-"""``fastseq run|compare|plan``.
+"""``fastseq run|compare|plan|eval``.
 
 Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
 budgets, resume targets, a run directory another process is writing) as one line on stderr
@@ -363,9 +363,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    _print_harness(args.dirs)
     plot_runs(hists, plot)
     print(f"plot written to {plot}")
     return 0
+
+
+def _print_harness(dirs) -> None:
+    """The runs' `fastseq eval` results (lm-evaluation-harness), if any, as a second table."""
+    from .harness import HARNESS_HEADER, metric_rows
+
+    rows = [r for d in dirs for r in metric_rows(d)]
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows + [HARNESS_HEADER]) for i in range(len(HARNESS_HEADER))]
+    print()
+    for r in [HARNESS_HEADER] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _num(x) -> bool:
@@ -387,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         parser.commands["plan"] = add_plan_parser(sub)
+    from .harness import add_eval_parser  # lm-eval itself is imported only when `fastseq eval` runs
+
+    parser.commands["eval"] = add_eval_parser(sub)
     return parser
 
 

@@ -658,6 +658,15 @@ def make_task(cfg: ExperimentConfig):
     return get_task(cfg.task, **opts)
 
 
+def make_method(cfg: ExperimentConfig) -> Method:
+    """The run's method, not yet injected (``method.prepare(model, heads, cfg.seed)`` does that,
+    deterministically from the seed: `fastseq eval` rebuilds a round's model this way)."""
+    return get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
+                      scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,
+                      scl_layers=cfg.scl_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout)
+
+
 def check_environment(cfg: ExperimentConfig):
     """What can be checked before loading data or a model: the config, the device, the model
     source, bitsandbytes for a quantized backbone and the task. Returns ``(task, device)``."""
@@ -691,10 +700,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
                                   # a quantized backbone is placed by bitsandbytes, on the run's device
                                   device=device if cfg.quantization != "none" else None)
     heads = task.head_modules_for(model)
-    method = get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
-                        scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,
-                        scl_layers=cfg.scl_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout)
+    method = make_method(cfg)
     model = method.prepare(model, heads, cfg.seed)
     if cfg.quantization == "none":
         model.to(device)
