@@ -371,7 +371,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _print_harness(dirs) -> None:
     """The runs' `fastseq eval` results (lm-evaluation-harness), if any, as a second table."""
-    from .harness import HARNESS_HEADER, metric_rows
+    from .data.harness import HARNESS_HEADER, metric_rows
 
     rows = [r for d in dirs for r in metric_rows(d)]
     if not rows:

@@ -10,49 +10,24 @@ lm-eval's own Hugging Face class ``HFLM`` and ``lm_eval.simple_evaluate`` scores
 computes no score itself. Results land in ``<run>/harness/round_<K>.json`` (one file per round,
 one entry per task), which ``fastseq compare`` shows.
 
-lm-eval is optional (``pip install "fastseq[harness]"``); only :func:`evaluate_run` imports it.
-fastseq ships an offline task, ``fastseq_medqa_mini`` (``fastseq/harness_tasks``), found without
-``--include-path``; hub tasks (mmlu_anatomy, pubmedqa, ...) need the Hugging Face hub or its cache.
+lm-eval is optional (``pip install "fastseq[harness]"``); only :func:`evaluate_run` imports it
+(through :mod:`fastseq.data.harness`, which holds the tasks, the scoring and the results files).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import difflib
 import json
-import logging
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError
+from .data.harness import INSTALL_HINT, HarnessError, HarnessScorer, quiet_lm_eval, require_lm_eval, write_results
 from .exit_codes import EXIT_CODES
 
-log = logging.getLogger(__name__)
-
-SHIPPED_TASKS = Path(__file__).resolve().parent / "harness_tasks"
-RESULTS_DIR = "harness"
-RESULT_RE = re.compile(r"round_(\d+)\.json")
-INSTALL_HINT = "pip install \"fastseq[harness]\" (or pip install lm-eval)"
 KEEP_CHECKPOINTS = 2  # fastseq.fed.engine.save_checkpoint's default: a run keeps its last 2 rounds
-
-
-class HarnessError(ConfigError):
-    """Bad input to ``fastseq eval`` (a user error: exit code 2, one line)."""
-
-
-def require_lm_eval():
-    """The ``lm_eval`` module, or a HarnessError that names the extra to install."""
-    try:
-        import lm_eval  # noqa: PLC0415
-        import lm_eval.models.huggingface  # noqa: F401, PLC0415
-    except ImportError as e:
-        raise HarnessError(f"fastseq eval needs EleutherAI's lm-evaluation-harness, which is not installed "
-                           f"({e}): {INSTALL_HINT}") from None
-    return lm_eval
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -208,64 +183,6 @@ def _load_final_adapter(model, adapter: Path):
     return model
 
 
-# -- lm-eval's tasks --------------------------------------------------------------------------
-
-def _is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
-def task_manager(names: Sequence[str], include_paths: Sequence[str | os.PathLike] = ()):
-    """``(TaskManager, names)``: lm-eval's task index with fastseq's shipped tasks and
-    ``include_paths``, and the requested names (glob patterns expanded). lm-eval's own ~15,000
-    tasks are indexed (about 8 s) only when a name is not among the shipped and included ones.
-    A name lm-eval does not know is a HarnessError naming the closest ones."""
-    require_lm_eval()
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415
-
-    paths = [str(SHIPPED_TASKS)]
-    for p in include_paths:
-        if not Path(p).is_dir():
-            raise HarnessError(f"--include-path {p} is not a folder; pass a folder of lm-eval task YAML files")
-        paths.append(str(p))
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise HarnessError("--tasks is empty; name lm-eval tasks, e.g. --tasks fastseq_medqa_mini,mmlu_anatomy")
-    tm = TaskManager(include_path=paths, include_defaults=False)
-    if any(_is_pattern(n) or n not in tm.all_tasks for n in names):
-        tm = TaskManager(include_path=paths)
-    out: list[str] = []
-    for n in names:
-        found = tm.match_tasks([n]) if _is_pattern(n) else ([n] if n in tm.all_tasks else [])
-        if not found:
-            close = difflib.get_close_matches(n, tm.all_tasks, n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise HarnessError(f"unknown lm-eval task {n!r}{hint}; `lm-eval ls tasks` lists lm-eval's tasks, "
-                               f"fastseq ships fastseq_medqa_mini, --include-path adds a folder of task YAMLs")
-        out += [f for f in found if f not in out]
-    return tm, out
-
-
-def load_tasks(tm, names: Sequence[str]) -> list:
-    """The tasks and groups ``names`` built (their documents loaded), before any model is: a task
-    whose data cannot be loaded (a hub task offline) is a HarnessError."""
-    built: list = []
-    for n in names:
-        try:
-            loaded = tm.load([n])
-        except Exception as e:  # datasets / hub errors come in many types
-            text = " ".join(str(e).split())[:300]
-            raise HarnessError(f"lm-eval could not load task {n!r}: {type(e).__name__}: {text}. Hub tasks need the "
-                               f"Hugging Face hub or its cache; offline, use a local task such as fastseq_medqa_mini "
-                               f"or --include-path") from None
-        if n in loaded["groups"]:
-            built.append(loaded["groups"][n])
-        elif n in loaded["tasks"]:
-            built.append(loaded["tasks"][n])
-        else:  # a tag: its tasks
-            built += list(loaded["tasks"].values())
-    return built
-
-
 # -- evaluation -------------------------------------------------------------------------------
 
 def evaluate_run(run: str | os.PathLike, tasks: Sequence[str], limit: int | float | None = None,
@@ -279,133 +196,31 @@ def evaluate_run(run: str | os.PathLike, tasks: Sequence[str], limit: int | floa
     Every input is checked before the model loads; nothing is written unless the evaluation
     finished."""
     d = Path(run)
-    lm_eval = require_lm_eval()
+    require_lm_eval()
     cfg = run_config(d)
     _check_causal(cfg)
     check_round(d, round)
-    if limit is not None and limit <= 0:
-        raise HarnessError(f"--limit {limit}: give a number of documents per task >= 1 (or a fraction in (0, 1))")
-    if batch_size < 1:
-        raise HarnessError(f"--batch-size {batch_size}: give a batch size >= 1")
-    tm, names = task_manager(tasks, include_paths)
-    built = load_tasks(tm, names)
-
-    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
-
+    scorer = HarnessScorer(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                           include_paths=include_paths)
     t0 = time.perf_counter()
     model, tokenizer, info = load_run_model(d, round, device)
     echo(f"evaluating {d} round {info['round']} ({_source_text(info['source'])}, {info['method']} on "
-         f"{info['model']}) with lm-eval {lm_eval.__version__} on {', '.join(names)}"
+         f"{info['model']}) with lm-eval {scorer.lm_eval.__version__} on {', '.join(scorer.names)}"
          + (f", limit {limit}" if limit is not None else ""))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, num_fewshot=num_fewshot, task_manager=tm,
-                                  log_samples=log_samples)
+    res = scorer.score(model, tokenizer, log_samples=log_samples)
     seconds = time.perf_counter() - t0
-    record = _merge_record(d, info, res, names, limit, num_fewshot, seconds, lm_eval.__version__)
-    out = results_path(d, info["round"])
-    from ._atomic import atomic_write_bytes  # noqa: PLC0415
-
-    if log_samples:
-        from lm_eval.utils import handle_non_serializable  # noqa: PLC0415
-
-        for task, samples in (res.get("samples") or {}).items():
-            text = "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                           for s in samples)
-            atomic_write_bytes(samples_path(d, info["round"], task), text.encode())
-    atomic_write_bytes(out, json.dumps(record, indent=2, default=str, allow_nan=True).encode())
+    path, record = write_results(d, info["round"], res, info, scorer, seconds)
     from lm_eval.utils import make_table  # noqa: PLC0415
 
     echo(make_table(res))
     if res.get("groups"):
         echo(make_table(res, "groups"))
-    echo(f"results written to {out} ({seconds:.1f} s)")
+    echo(f"results written to {path} ({seconds:.1f} s)")
     return record
 
 
 def _source_text(source: str) -> str:
     return {"adapter": "the final adapter/", "initial": "the initial adapter, i.e. the base model"}.get(source, source)
-
-
-def results_path(run: str | os.PathLike, round: int) -> Path:
-    return Path(run) / RESULTS_DIR / f"round_{round}.json"
-
-
-def samples_path(run: str | os.PathLike, round: int, task: str) -> Path:
-    return Path(run) / RESULTS_DIR / f"round_{round}.{task}.samples.jsonl"
-
-
-def _merge_record(d: Path, info: dict, res: dict, names: list[str], limit, num_fewshot, seconds: float,
-                  version: str) -> dict[str, Any]:
-    """The round's results file with this evaluation's tasks (and groups) replaced."""
-    path = results_path(d, info["round"])
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("tasks"), dict):
-            raise ValueError
-    except (OSError, ValueError):
-        record = {"tasks": {}}
-    record.update(run=d.name, round=info["round"], method=info["method"], model=info["model"])
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    n_samples = res.get("n-samples", {})
-    for kind in ("results", "groups"):
-        for task, metrics in (res.get(kind) or {}).items():
-            record["tasks"][task] = {
-                # "metric,filter" keys (lm-eval's own), without "alias", "name", "sample_len"
-                "metrics": {k: v for k, v in metrics.items() if "," in k},
-                "group": kind == "groups", "requested": task in names, "source": info["source"],
-                "limit": limit, "num_fewshot": (res.get("n-shot") or {}).get(task, num_fewshot),
-                "n_samples": n_samples.get(task), "version": (res.get("versions") or {}).get(task),
-                "higher_is_better": (res.get("higher_is_better") or {}).get(task),
-                "lm_eval_version": version, "seconds": round(seconds, 2), "evaluated_at": when,
-            }
-    return record
-
-
-# -- reading results back (fastseq compare; no lm-eval needed) --------------------------------
-
-def read_results(run: str | os.PathLike) -> list[dict[str, Any]]:
-    """The harness results files of ``run``, by round (unreadable files are skipped with a warning)."""
-    d = Path(run) / RESULTS_DIR
-    if not d.is_dir():
-        return []
-    out = []
-    for p in sorted(d.iterdir(), key=lambda p: (len(p.name), p.name)):
-        if not RESULT_RE.fullmatch(p.name):
-            continue
-        try:
-            rec = json.loads(p.read_text())
-            if not isinstance(rec, dict) or not isinstance(rec.get("tasks"), dict):
-                raise ValueError("no tasks table")
-        except (OSError, ValueError) as e:
-            log.warning("skipping %s: not a harness results file (%s)", p, e)
-            continue
-        rec.setdefault("round", int(RESULT_RE.fullmatch(p.name).group(1)))
-        out.append(rec)
-    return sorted(out, key=lambda r: r["round"] if isinstance(r["round"], int) else -1)
-
-
-def metric_rows(run: str | os.PathLike) -> list[list[str]]:
-    """``[run, round, task, metric, value, stderr, n]`` per metric of each harness result of
-    ``run`` (stderr entries are folded into their metric's row)."""
-    rows = []
-    name = Path(run).name
-    for rec in read_results(run):
-        for task, entry in sorted(rec["tasks"].items()):
-            metrics = entry.get("metrics") or {}
-            n = entry.get("n_samples") or {}
-            count = str(n.get("effective", "")) if isinstance(n, dict) else ""
-            for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
-                if not filt or "_stderr" in metric or not isinstance(value, (int, float)):
-                    continue
-                stderr = metrics.get(f"{metric}_stderr,{filt}")
-                label = metric if filt == "none" else f"{metric} ({filt})"
-                rows.append([name, str(rec["round"]), task, label, f"{value:.4f}",
-                             f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-", count])
-    return rows
-
-
-HARNESS_HEADER = ["run", "round", "lm-eval task", "metric", "value", "stderr", "n"]
 
 
 # -- CLI: fastseq eval ------------------------------------------------------------------------
@@ -455,8 +270,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if not os.environ.get("FASTSEQ_LOG"):  # lm-eval's INFO/WARNING chatter (e.g. "pretrained is not a str")
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    quiet_lm_eval()
     evaluate_run(args.run, args.tasks.split(","), limit=args.limit, round=args.round, num_fewshot=args.num_fewshot,
                  batch_size=args.batch_size, device=args.device, include_paths=args.include_path,
                  log_samples=args.log_samples)

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval", reason="fastseq eval needs the harness extra (lm-eval)")
 
 from fastseq.cli import main  # noqa: E402
-from fastseq.harness import SHIPPED_TASKS  # noqa: E402
+from fastseq.data.harness import SHIPPED_TASKS  # noqa: E402
 
 TASK = "fastseq_medqa_mini"
 TRAIN = SHIPPED_TASKS / TASK / "train.jsonl"
