@@ -51,6 +51,17 @@ def _topk(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a fraction in (0, 1] such as 0.1 or a "
                                          f"count such as 1000") from None
 
+def _task_list(text: str) -> list[str]:
+    """--harness-tasks: comma-separated lm-eval task names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _harness_limit(text: str) -> int | float:
+    from .data.harness import parse_limit
+
+    return parse_limit(text)
+
+
 def _workers(text: str) -> int | str:
     if text == "auto":
         return text  # explicit: overrides a config file's number (config value null)
@@ -138,6 +149,12 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--personal-eval-clients", "personal_eval_clients", int, "fedsa-lora: score this many clients' own states "
                                                               "each round, a seeded panel (default: all up to 20, "
                                                               "else 20)"),
+    ("--harness-tasks", "harness_tasks", _task_list, "lm-evaluation-harness tasks (comma-separated) that score the "
+                                                     "global model in the server's evaluation (round 0, every "
+                                                     "--harness-every rounds, the last; default: none); see "
+                                                     "`fastseq eval`"),
+    ("--harness-every", "harness_every", int, "score --harness-tasks every N rounds"),
+    ("--harness-limit", "harness_limit", _harness_limit, "documents per --harness-tasks task: a count, or a fraction in (0, 1)"),
     ("--server-opt", "server_opt", str, "fedavg | fedavgm | fedadam"),
     ("--server-lr", "server_lr", float, "server learning rate (default 1.0, fedadam 0.01)"),
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),
@@ -161,6 +178,7 @@ NONE_MEANS: dict[str, str] = {
     "scl_train_compress": "off",
     "secagg": "off",
     "error_feedback": "off",
+    "harness_limit": "every document",
 }
 
 

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .data.harness import INSTALL_HINT, HarnessError, HarnessScorer, quiet_lm_eval, require_lm_eval, write_results
+from .data.harness import (INSTALL_HINT, HarnessError, HarnessScorer, parse_limit, quiet_lm_eval, require_lm_eval,
+                           write_results)
 from .exit_codes import EXIT_CODES
 
 KEEP_CHECKPOINTS = 2  # fastseq.fed.engine.save_checkpoint's default: a run keeps its last 2 rounds
@@ -225,21 +226,6 @@ def _source_text(source: str) -> str:
 
 # -- CLI: fastseq eval ------------------------------------------------------------------------
 
-def _limit(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number of documents per task such as 50, "
-                                         f"or a fraction in (0, 1)")
-    return value
-
-
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``fastseq eval`` to an argparse subparsers object; its handler is ``args.func``."""
     p = subparsers.add_parser(
@@ -253,7 +239,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run directory written by `fastseq run` (a causal-LM task)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names (glob patterns "
                                                   "such as 'mmlu_*' work), e.g. fastseq_medqa_mini,pubmedqa")
-    p.add_argument("--limit", type=_limit, default=None, help="documents per task: a count, or a fraction in "
+    p.add_argument("--limit", type=parse_limit, default=None, help="documents per task: a count, or a fraction in "
                                                               "(0, 1) (default: all)")
     p.add_argument("--round", type=int, default=None, help="score the adapter of this saved round (0: the initial "
                                                            "adapter, i.e. the base model; default: the final "

@@ -16,6 +16,7 @@ from fastseq.cli import main  # noqa: E402
 from fastseq.data.harness import SHIPPED_TASKS  # noqa: E402
 
 TASK = "fastseq_medqa_mini"
+PPL = "fastseq_medqa_mini_ppl"
 TRAIN = SHIPPED_TASKS / TASK / "train.jsonl"
 TINY_RUN = ["--model", "tiny-llama", "--task", "instruction", "--data-path", str(TRAIN), "--clients", "2",
             "--clients-per-round", "2", "--local-steps", "4", "--batch-size", "8", "--r", "4", "--partition", "iid",
@@ -60,7 +61,9 @@ def _own_lls(model, tokenizer, samples) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def scl_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("harness") / "scl", "--rounds", "2")
+    """2 rounds of SCL; the server's evaluation scores the perplexity task at rounds 0 and 2."""
+    return _run(tmp_path_factory.mktemp("harness") / "scl", "--rounds", "2", "--harness-tasks", PPL,
+                "--harness-every", "2", "--harness-limit", "6")
 
 
 def test_eval_scores_the_runs_adapter_and_compare_shows_it(scl_run, capsys):
@@ -98,6 +101,28 @@ def test_eval_scores_the_runs_adapter_and_compare_shows_it(scl_run, capsys):
     assert ["scl", "2", TASK, "acc_norm", f"{entry['metrics']['acc_norm,none']:.4f}"] in [r[:5] for r in rows]
 
 
+def test_harness_tasks_during_a_run_score_the_global_model(scl_run):
+    """--harness-tasks: rounds 0 and 2 (--harness-every 2) scored in the server's evaluation,
+    into metrics.jsonl and harness/round_K.json; `fastseq eval` of the same rounds agrees."""
+    key = f"harness/{PPL}/bits_per_byte"
+    rows = [json.loads(line) for line in (scl_run / "metrics.jsonl").read_text().splitlines()]
+    assert [key in r for r in rows] == [True, False, True]
+    bpb = {r["round"]: r[key] for r in rows if key in r}
+    assert bpb[2] < bpb[0] - 1e-3  # the perplexity of the right answers fell: the global model trained
+    for rnd in (0, 2):
+        rec = json.loads((scl_run / "harness" / f"round_{rnd}.json").read_text())
+        assert rec["tasks"][PPL]["source"] == "server evaluation"
+        assert rec["tasks"][PPL]["metrics"]["bits_per_byte,none"] == pytest.approx(bpb[rnd], rel=1e-9)
+    fresh = scl_run.parent / "copy"  # fastseq eval rewrites round_K.json: score a copy of the run
+    import shutil
+
+    shutil.copytree(scl_run, fresh, ignore=shutil.ignore_patterns("harness"))
+    for rnd in (0, 2):
+        assert main(["eval", str(fresh), "--tasks", PPL, "--limit", "6", "--round", str(rnd)]) == 0
+        rec = json.loads((fresh / "harness" / f"round_{rnd}.json").read_text())
+        assert rec["tasks"][PPL]["metrics"]["bits_per_byte,none"] == pytest.approx(bpb[rnd], rel=1e-5)
+
+
 def test_lora_baseline_evaluates_the_same_way(tmp_path):
     """FedEx-LoRA's final adapter/ (PEFT's files + the residual folded into the base weights)
     scores what its checkpoint does, and not what the base model does."""
@@ -110,10 +135,10 @@ def test_lora_baseline_evaluates_the_same_way(tmp_path):
     assert (final["lls"] - initial["lls"]).abs().max() > 1e-2
 
 
-def _one_line(rc, err, phrase):
+def _one_line(rc, err, phrase, command="fastseq eval"):
     assert rc == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastseq eval: error:") and phrase in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error:") and phrase in lines[0], err
 
 
 def test_bad_input_is_one_line_and_writes_nothing(scl_run, tmp_path, capsys, monkeypatch):
@@ -138,6 +163,17 @@ def test_bad_input_is_one_line_and_writes_nothing(scl_run, tmp_path, capsys, mon
     assert not (tmp_path / "harness").exists() and not (classifier / "harness").exists()
     after = sorted(p.name for p in (scl_run / "harness").iterdir()) if (scl_run / "harness").exists() else []
     assert after == before
+
+    # --harness-tasks during a run: checked before anything is written
+    runs = {"fedsa": ([*TINY_RUN, "--method", "fedsa-lora"], "fedsa-lora scores each client's own model instead"),
+            "classifier": (["--model", "tiny-llama", "--task", "synthetic", "--rounds", "1", "--no-progress"],
+                           "harness_tasks: lm-eval scores causal language models; task 'synthetic'")}
+    for name, (argv, phrase) in runs.items():
+        out = tmp_path / name
+        capsys.readouterr()
+        _one_line(main(["run", *argv, "--harness-tasks", TASK, "--out", str(out)]), capsys.readouterr().err, phrase,
+                  "fastseq run")
+        assert not (out / "metrics.jsonl").exists() and not (out / "harness").exists()
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # lm-eval not installed
     _one_line(main(["eval", str(scl_run), "--tasks", TASK]), capsys.readouterr().err,

@@ -114,6 +114,25 @@ def load_tasks(tm, names: Sequence[str]) -> list:
     return built
 
 
+def parse_limit(text: str) -> int | float:
+    """A command line's limit: a count of documents per task, or a fraction in (0, 1)."""
+    import argparse  # noqa: PLC0415
+
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+    try:
+        check_limit(value)
+    except HarnessError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number of documents per task such as 50, "
+                                         f"or a fraction in (0, 1)") from None
+    return value
+
+
 def check_limit(limit: int | float | None) -> None:
     if limit is not None and not (limit >= 1 if isinstance(limit, int) else 0 < limit < 1):
         raise HarnessError(f"limit {limit}: give a number of documents per task >= 1, or a fraction in (0, 1)")

@@ -86,7 +86,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus", "workers")
+                     "client_gpus", "workers", "harness_tasks", "harness_every", "harness_limit")
 
 
 class NothingTrained(RuntimeError):
@@ -461,6 +461,9 @@ def _line(rec: dict) -> str:
     for k in ("train_loss", "val_accuracy", "val_rougeL_tf", "eval_loss", "accuracy", "rougeL_tf", "perplexity"):
         v = rec.get(k)
         if isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.4f}")
+    for k, v in rec.items():  # lm-eval's scores (harness_tasks), e.g. harness/pubmedqa/acc
+        if k.startswith("harness/") and isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4f}")
     if "epsilon" in rec:  # a DP run: the privacy spent so far (None: no noise, no guarantee)
         parts.append(f"epsilon {_fmt_eps(rec['epsilon'])}")
