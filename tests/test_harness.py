@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_and_writes_nothing(scl_run, tmp_path, capsys, mon
             "classifier": (["--model", "tiny-llama", "--task", "synthetic", "--rounds", "1", "--no-progress"],
                            "harness_tasks: lm-eval scores causal language models; task 'synthetic'")}
     for name, (argv, phrase) in runs.items():
-        out = tmp_path / name
+        out = tmp_path / f"run-{name}"
         capsys.readouterr()
         _one_line(main(["run", *argv, "--harness-tasks", TASK, "--out", str(out)]), capsys.readouterr().err, phrase,
                   "fastseq run")
