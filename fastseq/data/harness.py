@@ -270,9 +270,13 @@ def metric_rows(run: str | os.PathLike) -> list[list[str]]:
                     continue
                 stderr = metrics.get(f"{metric}_stderr,{filt}")
                 label = metric if filt == "none" else f"{metric} ({filt})"
-                rows.append([name, str(rec["round"]), task, label, f"{value:.4f}",
-                             f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-", count])
+                rows.append([name, str(rec["round"]), task, label, _fmt(value),
+                             _fmt(stderr) if isinstance(stderr, (int, float)) else "-", count])
     return rows
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if abs(x) >= 1e6 else f"{x:.4f}"  # (a word perplexity of a random model: 1.381e+19)
 
 
 def timed_score(scorer: HarnessScorer, model, tokenizer, log_samples: bool = False) -> tuple[dict[str, Any], float]:
