@@ -55,6 +55,7 @@ def run_config(run: str | os.PathLike):
         raise HarnessError(f"{path} does not hold a config table; the run directory is damaged")
     saved = {k: v for k, v in saved.items() if k in ExperimentConfig.keys()}
     saved.pop("progress", None)
+    saved.pop("data_path", None)  # the training data is not needed (and may be gone or elsewhere)
     return ExperimentConfig.from_dict(saved)
 
 
