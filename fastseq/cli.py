@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .exit_codes import BUG_EXIT, EXIT_CODES, INTERRUPT_EXIT, NOTHING_TRAINED_EXIT, USAGE_EXIT
+from .exit_codes import BUG_EXIT, EXIT_CODES, INTERRUPT_EXIT, NOTHING_FITS_EXIT, NOTHING_TRAINED_EXIT, USAGE_EXIT
 
 
 class CLIError(Exception):
@@ -60,6 +60,16 @@ def _harness_limit(text: str) -> int | float:
     from .data.harness import parse_limit
 
     return parse_limit(text)
+
+
+def _fleet_file(path: str) -> dict:
+    from .config import ConfigError
+    from .fed.fleet import read_fleet_file
+
+    try:
+        return read_fleet_file(path)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _workers(text: str) -> int | str:
@@ -160,6 +170,13 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--dtype", "dtype", str, "backbone dtype: float32 | bfloat16 | float16"),
+    ("--fleet", "fleet", _fleet_file, "a heterogeneous fleet: a .toml / .yaml file of tiers (memory, uplink, share "
+                                      "or clients); each client plans its own rank, quantization, checkpoint level, "
+                                      "micro-batch and codec (see README, Heterogeneous fleets)"),
+    ("--hetero-aggregation", "hetero_aggregation", str, "a fleet's nested-rank aggregation: holders | zero-pad "
+                                                        "(SCL with C frozen, ffa-lora) | hetlora | flexlora "
+                                                        "(fedavg-lora)"),
+    ("--fleet-misfit", "fleet_misfit", str, "a fleet tier nothing fits: refuse (the run) | drop (its clients)"),
 ]
 
 
@@ -179,6 +196,8 @@ NONE_MEANS: dict[str, str] = {
     "secagg": "off",
     "error_feedback": "off",
     "harness_limit": "every document",
+    "fleet": "off: every client runs the run's own configuration",
+    "hetero_aggregation": "holders for scl with C frozen and ffa-lora, hetlora for the others",
 }
 
 
@@ -258,7 +277,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .fed.engine import read_run_config
-    from .fed.experiment import ExperimentConfig, load_config_file
+    from .fed.experiment import ExperimentConfig
 
     over = _overrides(args)
     if args.resume:
@@ -268,15 +287,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         base = {k: v for k, v in read_run_config(d).items() if k in ExperimentConfig.keys()}
         base.pop("progress", None)  # a resumed run decides afresh whether it is on a terminal
         if args.config:
-            base.update(load_config_file(args.config))
+            base.update(_read_config(args.config))
         base.update(over)
         base["out"] = str(d)
         _run(ExperimentConfig.from_dict(base), resume=True)
         return 0
-    base = load_config_file(args.config) if args.config else {}
+    base = _read_config(args.config)
     base.update(over)
     _run(ExperimentConfig.from_dict(base), resume=False)
     return 0
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    """A run config file's table; its ``fleet`` may be a table or the path of a fleet file."""
+    from .fed.experiment import load_config_file
+    from .fed.fleet import read_fleet_file
+
+    base = load_config_file(path) if path else {}
+    if isinstance(base.get("fleet"), str):
+        fleet = Path(base["fleet"])
+        base["fleet"] = read_fleet_file(str(fleet if fleet.is_absolute() else Path(path).parent / fleet))
+    return base
 
 
 def _run(cfg, resume: bool) -> None:
@@ -418,11 +449,55 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        parser.commands["plan"] = add_plan_parser(sub)
+        plan = parser.commands["plan"] = add_plan_parser(sub)
+        plan.add_argument("--fleet", type=_fleet_file, default=None, metavar="FILE",
+                          help="plan every client of a heterogeneous fleet (a .toml / .yaml file of tiers) for the "
+                               "run that --config, --model, --method, --r and --batch-size describe, and print "
+                               "each tier's plan; --budget is then not needed")
+        plan.add_argument("--config", default=None, help="with --fleet: the run's config file")
+        plan.add_argument("--method", default=None, help="with --fleet: the run's method (default: the config's)")
+        for action in plan._actions:
+            if action.dest == "budget":
+                action.required = False
+        plan.set_defaults(func=cmd_plan)
     from .harness import add_eval_parser  # lm-eval itself is imported only when `fastseq eval` runs
 
     parser.commands["eval"] = add_eval_parser(sub)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``fastseq plan``: one budget (fastseq.memory), or with --fleet every tier of a fleet as the
+    run would plan it (the model and task loaded, nothing trained or written)."""
+    from .memory import run_plan
+
+    if args.fleet is None:
+        if args.budget is None:
+            raise CLIError("fastseq plan needs --budget (e.g. 8GB) or --fleet FILE")
+        return run_plan(args)
+    from .fed.experiment import ExperimentConfig, build_runtime
+    from .fed.fleet import FleetMisfit
+
+    base = _read_config(args.config)
+    base.update(fleet=args.fleet, model=args.model, progress=False)
+    base.update({k: v for k, v in (("method", args.method), ("batch_size", args.batch_size), ("r", args.r),
+                                   ("max_length", args.seq_len)) if v is not None})
+    cfg = ExperimentConfig.from_dict(base)
+
+    def echo(line: str) -> None:
+        if line.startswith(("fleet", "  ", "method")):
+            print(line)
+
+    from .fed.engine import library_progress_bars
+
+    try:
+        with library_progress_bars(False):
+            build_runtime(cfg, echo=echo)
+    except FleetMisfit as e:
+        print(f"fastseq plan: {_one_line(e)}")
+        return NOTHING_FITS_EXIT
+    return 0
+
 
 
 def _unrecognized(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> CLIError:
@@ -491,9 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         from .fed.engine import NothingTrained
 
+        from .fed.fleet import FleetMisfit
+
         if isinstance(e, NothingTrained):
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return NOTHING_TRAINED_EXIT
+        if isinstance(e, FleetMisfit):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return NOTHING_FITS_EXIT
         if isinstance(e, user_errors()):
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return USAGE_EXIT

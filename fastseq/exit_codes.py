@@ -12,6 +12,7 @@ EXIT_CODES = f"""exit codes:
   {BUG_EXIT}    internal error: a bug in fastseq (the traceback is printed; please report it)
   {USAGE_EXIT}    user error: one line on stderr says what to change (flags, config, paths, a run
        directory another process is writing, a resume that does not match its run)
-  {NOTHING_FITS_EXIT}    fastseq plan: nothing fits the budget (the closest configuration is printed)
+  {NOTHING_FITS_EXIT}    fastseq plan: nothing fits the budget (the closest configuration is printed);
+       fastseq run / plan --fleet: a fleet tier that nothing fits (named with its shortfall)
   {NOTHING_TRAINED_EXIT}    fastseq run: no round aggregated a client update (each client's reason is printed)
   {INTERRUPT_EXIT}  interrupted (Ctrl-C); fastseq run prints the command that continues the run"""

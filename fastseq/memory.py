@@ -705,13 +705,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                                                    f"({', '.join(sorted(KNOWN_CONFIGS))})")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 8GB (binary units: 8GB = 8 GiB)")
     default = SCLConfig()
-    p.add_argument("--r", type=int, default=default.r, help=f"SCL rank (default {default.r})")
+    p.add_argument("--r", type=int, default=None, help=f"SCL rank (default {default.r})")
     p.add_argument("--scl-placement", choices=("residual", "parallel"), default=default.placement,
                    help=f"SCL placement (default {default.placement})")
     p.add_argument("--scl-train-compress", action=argparse.BooleanOptionalAction, default=default.train_compress,
                    help="train SCL's C (default: C frozen at its seeded init; only P or E trains)")
-    p.add_argument("--batch-size", type=int, default=4, help="effective batch size (default 4)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512; vision: patches)")
+    p.add_argument("--batch-size", type=int, default=None, help="effective batch size (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 512; vision: patches)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="the clients' optimizer (default adamw)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
@@ -729,6 +729,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def run_plan(args) -> int:
     """``fastseq plan``; a bad input raises (MemoryModelError, ConfigError, QuantizationError)
     and the CLI prints it as one line on stderr."""
+    args.r = SCLConfig().r if args.r is None else args.r
+    args.batch_size = 4 if args.batch_size is None else args.batch_size
+    args.seq_len = 512 if args.seq_len is None else args.seq_len
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--r", args.r),
                         ("--num-labels", args.num_labels)):
         if value is not None and value < 1:

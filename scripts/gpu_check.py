@@ -17,6 +17,8 @@ recorded and the next step still runs:
                     tokens/s, peak memory and the planner's estimate (benchmarks/train_step.py)
 5. ``federated``    one federated round of a tiny model on the runtime's CUDA path
 6. ``gemma_memory`` a Gemma-2B-shaped client: the planner's choice for 6 GB at batch 4 x 512, measured
+7. ``fleet``        a 3-tier heterogeneous fleet: each tier's planned step (rank, quantization, level,
+                    micro-batch) measured with ``torch.cuda.max_memory_allocated``, against its budget
 
 Writes to DIR, rewritten after every step (at most 8 files: the device tool returns no more):
 gpu_check.json (everything, tagged by benchmarks/provenance.py), gpu_check.md (the summary and
@@ -49,8 +51,8 @@ for _p in (ROOT / "scripts", ROOT / "benchmarks", ROOT):
 GIB = 2**30
 # (name, seconds): unspent seconds carry over to the steps after
 STEPS = (("env", 20), ("correctness", 130), ("sweep", 100), ("train_step", 120), ("federated", 50),
-         ("gemma_memory", 60))
-TOTAL_BUDGET = 480
+         ("gemma_memory", 60), ("fleet", 40))
+TOTAL_BUDGET = 520
 GRACE_S = 20  # after SIGINT: pytest writes its report, a step saves what it has
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log", "correctness.log",
              "kernel_sweep.csv", "train_step.csv")
@@ -350,8 +352,59 @@ def step_gemma_memory(st: Step) -> None:
                   f"{row['plan_estimate_bytes'] / GIB:.2f} GiB", flush=True)
 
 
+def step_fleet(st: Step) -> None:
+    """Three tiers of one fleet on this device: each tier's plan, and its training step measured
+    (the planner's measurement path: ``fleet.measure_plan``; on CUDA the allocator's peak less the
+    other tiers' backbones, which share the device here but not on a real client)."""
+    import torch
+
+    from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime
+    from fastseq.fed.fleet import measure_plan
+    from fastseq.memory import frozen_and_trainable_bytes
+
+    seq = 64 if st.dry else 512
+    base = dict(model="tiny-llama", task="synthetic", max_examples=96, clients=3, clients_per_round=3,
+                partition="iid", min_client_size=4, batch_size=8, max_length=seq, r=8, device=st.device.type,
+                progress=False, out=None)
+    probe = build_runtime(ExperimentConfig.from_dict(dict(base, fleet={"tiers": [{"name": "all", "share": 1.0}]})),
+                          echo=lambda s: None)
+    roomy = probe.plans["0"].estimated_bytes
+    del probe
+    # budgets that make the tiers plan differently: the full run, a tighter one, the tightest
+    fleet = {"rank_ladder": [8, 4, 2], "tiers": [
+        {"name": "workstation", "clients": ["0"]},
+        {"name": "laptop", "clients": ["1"], "memory": int(roomy * 0.9)},
+        {"name": "phone", "clients": ["2"], "memory": int(roomy * 0.6), "max_rank": 2}]}
+    st.result.update(fleet=fleet, seq=seq, tiers=[])
+    cfg = ExperimentConfig.from_dict(dict(base, fleet=fleet, fleet_misfit="drop"))
+    rt = build_runtime(cfg, echo=lambda line: print(f"[fleet] {line}", flush=True))
+    backbones = {q: frozen_and_trainable_bytes(b.model)[0] for q, b in rt.backbones.items()}
+    for cid, tier in rt.tiers_of.items():
+        plan = rt.plans[cid]
+        with st.unit(tier):
+            if not plan.fits:
+                st.result["tiers"].append(dict(tier=tier, fits=False, reason=plan.reason))
+                continue
+            client = build_client(cfg, rt, cid)
+            if st.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            m = measure_plan(client)
+            others = sum(b for q, b in backbones.items() if q != plan.quantization)
+            own = m.cuda_peak - others if m.cuda_peak is not None else m.frozen + m.trainable + m.activations
+            row = dict(**plan.as_row(), budget=plan.memory_budget, measured_bytes=own,
+                       cuda_peak_bytes=m.cuda_peak, saved_activations=m.activations,
+                       within_budget=plan.memory_budget is None or own <= plan.memory_budget)
+            st.result["tiers"].append(row)
+            print(f"[fleet] {tier}: rank {plan.rank}, {plan.quantization}, level {plan.checkpoint_level}, micro-batch "
+                  f"{plan.micro_batch}: estimated {plan.estimated_bytes / 2**20:.1f} MiB, measured "
+                  f"{own / 2**20:.1f} MiB" + (f" of {plan.memory_budget / 2**20:.1f} MiB" if plan.memory_budget else ""),
+                  flush=True)
+
+
 STEP_FUNCTIONS = {"env": step_env, "correctness": step_correctness, "sweep": step_sweep,
-                  "train_step": step_train_step, "federated": step_federated, "gemma_memory": step_gemma_memory}
+                  "train_step": step_train_step, "federated": step_federated, "gemma_memory": step_gemma_memory,
+                  "fleet": step_fleet}
 
 
 def run_step(name: str, work: Path, out: Path, dry: bool) -> int:
@@ -475,7 +528,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny shapes, the Triton interpreter")
     ap.add_argument("--steps", default=",".join(n for n, _ in STEPS),
                     help="comma-separated subset of the steps, run in the fixed order (default: all)")
-    ap.add_argument("--budget", type=float, default=TOTAL_BUDGET, help="seconds for all steps together (default 480)")
+    ap.add_argument("--budget", type=float, default=TOTAL_BUDGET, help=f"seconds for all steps together (default {TOTAL_BUDGET})")
     ap.add_argument("--step-budget", action="append", default=[], metavar="NAME=SECONDS",
                     help="a step's own budget (unspent seconds carry over to the later steps)")
     ap.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process

@@ -159,6 +159,15 @@ def markdown(results: dict) -> str:
                          f"-> {_num(r['final'], '.4f')}, up {r['uplink_bytes']:,} B, down {r['downlink_bytes']:,} B, dropped "
                          f"{r['dropped'] or 'none'}" + (f", CUDA peak {r['cuda_peak_bytes'] / 2**20:.0f} MiB"
                                                          if r.get("cuda_peak_bytes") else ""))
+    fleet = results["steps"].get("fleet", {})
+    if fleet.get("tiers"):
+        lines += _table("Fleet: each tier's planned step, measured",
+                        ["tier", "rank", "quantization", "level", "micro-batch", "estimated MiB", "measured MiB",
+                         "budget MiB", "within"],
+                        [[t["tier"], t.get("rank", "-"), t.get("quantization", "-"), t.get("checkpoint_level", "-"),
+                          t.get("micro_batch", "-"), _num(t.get("estimated_bytes"), ".1f", 2**-20),
+                          _num(t.get("measured_bytes"), ".1f", 2**-20), _num(t.get("budget"), ".1f", 2**-20),
+                          t.get("within_budget", t.get("reason", "-"))] for t in fleet["tiers"]])
     return "\n".join(lines) + "\n"
 
 

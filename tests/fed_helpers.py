@@ -73,3 +73,34 @@ def assert_same_run(local_out, other_out, *, rounds: int, clients=None, frozen_c
     assert not frozen_c or not any(".scl.compress." in k for k in x)  # a frozen C is no global state
     for k in x:
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+
+
+TIMING = ("seconds", "eval_seconds", "train_seconds", "workers", "client_worker")
+
+
+def run_rows(out, skip=()) -> list[dict]:
+    """A run's metrics rows without what differs between identical runs (timing, worker ids) and ``skip``."""
+    return [{k: v for k, v in r.items() if k not in TIMING and k not in skip} for r in history(out)]
+
+
+def run_tensors(out) -> dict:
+    """Every safetensors file of a run (adapter, checkpoints, client and server state), by path."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    return {str(p.relative_to(out)): load_file(p) for p in sorted(out.rglob("*.safetensors"))}
+
+
+def assert_bit_identical(a, b, skip=()) -> None:
+    """Two runs computed the same: metrics rows (but ``skip``) and every tensor they wrote."""
+    import torch
+
+    assert run_rows(a, skip) == run_rows(b, skip)
+    ta, tb = run_tensors(a), run_tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    for f in ta:
+        assert ta[f].keys() == tb[f].keys(), f
+        for k in ta[f]:
+            assert torch.equal(ta[f][k], tb[f][k]), (f, k)

@@ -313,3 +313,43 @@ def test_dp_epsilon_smoke_and_rerun_reuses_the_runs(tmp_path):
     assert len(stamps) == 4
     dp.main(["--smoke", "--out-dir", str(tmp_path)])  # a rerun reuses every finished run
     assert {f: f.stat().st_mtime for f in (tmp_path / "runs").rglob("summary.json")} == stamps
+
+
+def test_fleet_study_smoke_and_report(tmp_path):
+    """scripts/fleet_study.py: every arm x alpha x seed, per-tier bytes and measured memory, the
+    paired comparison against everyone-at-the-lowest-rank; a rerun reuses every finished run."""
+    st = _load("scripts/fleet_study.py")
+    argv = ["--smoke", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    st.main(argv)
+    doc = json.loads((tmp_path / "fleet_study_smoke.json").read_text())
+    rows = _csv(tmp_path / "fleet_study_smoke.csv")
+    assert {r["arm"] for r in rows} == set(st.arms()) and len(st.arms()) == 12
+    fleet_rows = [r for r in doc["rows"] if r["arm"] in st.FLEET_ARMS]
+    assert all(set(r["update_bytes_per_tier"]) == {"r1", "r2", "r4"} for r in fleet_rows)
+    assert all(r["update_bytes_per_tier"]["r1"] < r["update_bytes_per_tier"]["r4"] for r in fleet_rows)
+    assert {p["arm"] for p in doc["paired"]} == set(st.arms()) - {"scl-low", "ffa-low", "fedavg-low"}
+    assert [m["rank"] for m in doc["memory"]] == [1, 2, 4] and all(m["measured_bytes"] > 0 for m in doc["memory"])
+    assert len(doc["gap"]) == 3 and doc["missing"] == []
+    assert (tmp_path / "fleet_study_smoke.png").stat().st_size > 0
+    assert "## Against everyone at the lowest rank" in (tmp_path / "fleet_study_smoke.md").read_text()
+    stamps = {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")}
+    st.main(argv + ["--report-only"])
+    assert {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")} == stamps
+
+
+def test_fleet_study_gap_recovered_is_read_per_seed():
+    st = _load("scripts/fleet_study.py")
+    acc = st.acc
+
+    def run(arm, seed, score):
+        hist = [{"round": 0}] + [{"round": r, "accuracy": score, "val_accuracy": score} for r in (1, 2, 3)]
+        return acc.Run(acc.Spec("final", arm, 0.5, seed, 1e-3, None, {}, f"{arm}{seed}"), hist)
+
+    runs = [run("scl-low", 1, 0.6), run("scl-low", 2, 0.7), run("scl-high", 1, 0.8), run("scl-high", 2, 0.9),
+            run("scl-holders", 1, 0.7), run("scl-holders", 2, 0.85)]
+    _, paired = st.report(runs, "accuracy")
+    by = {p["arm"]: p for p in paired}
+    assert by["scl-high"]["gap_recovered"] == pytest.approx(1.0)
+    assert by["scl-holders"]["vs_low_mean"] == pytest.approx(0.125)
+    assert by["scl-holders"]["gap_high_minus_low"] == pytest.approx(0.2)
+    assert by["scl-holders"]["gap_recovered"] == pytest.approx(0.625)

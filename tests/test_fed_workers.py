@@ -21,9 +21,8 @@ from fastseq.fed.engine import Hooks, run_experiment
 from fastseq.fed.experiment import ExperimentConfig, build_client, check_environment
 from fastseq.fed.workers import resolve_workers
 
-from fed_helpers import history, tiny_config
+from fed_helpers import assert_bit_identical, history, run_rows as _rows, tiny_config
 
-TIMING = ("seconds", "eval_seconds", "train_seconds", "workers", "client_worker")
 QUIET = dict(echo=lambda s: None)
 
 
@@ -34,25 +33,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _rows(out):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history(out)]
-
-
-def _tensors(out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every safetensors file of a run (adapter, checkpoints, client and server state), by path."""
-    return {str(p.relative_to(out)): load_file(p) for p in sorted(out.rglob("*.safetensors"))}
-
-
-def assert_bit_identical(a: Path, b: Path) -> None:
-    assert _rows(a) == _rows(b)
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys() and ta
-    for f in ta:
-        assert ta[f].keys() == tb[f].keys(), f
-        for k in ta[f]:
-            assert torch.equal(ta[f][k], tb[f][k]), (f, k)
 
 
 ENGINE_PID = os.getpid()  # a forked worker sees the same value and another os.getpid()

@@ -44,12 +44,16 @@ def test_dry_run_writes_every_file_and_every_step_passes(tmp_path):
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["meta"]["dry_run"] is True and doc["meta"]["git_commit"] and doc["meta"]["torch"]
     steps = doc["steps"]
-    assert list(steps) == ["env", "correctness", "sweep", "train_step", "federated", "gemma_memory"]
+    assert list(steps) == ["env", "correctness", "sweep", "train_step", "federated", "gemma_memory", "fleet"]
     for name, r in steps.items():
         assert r["status"] == "ok", (name, r.get("error"), r.get("units"))
         assert all(u["status"] == "ok" for u in r.get("units", {}).values()), (name, r["units"])
         assert 0 < r["seconds"] <= r["budget_s"]
     assert steps["env"]["matmul_tflops"] > 0 and steps["env"]["copy_gbps"] > 0
+    tiers = steps["fleet"]["tiers"]  # three tiers planned differently, each measured within its budget
+    assert len(tiers) == 3 and len({(t["rank"], t["checkpoint_level"], t["micro_batch"]) for t in tiers}) >= 2
+    assert all(t["within_budget"] and t["measured_bytes"] > 0 for t in tiers)
+    assert "Fleet: each tier's planned step, measured" in (out / "gpu_check.md").read_text()
     assert steps["env"]["fastseq_from"] == str(ROOT)  # this checkout's code, whatever is installed
     c = steps["correctness"]["counts"]
     assert c["tests"] == c["passed"] == 5 and "passed" in (out / "correctness.log").read_text()

@@ -103,8 +103,12 @@ class Client:
     ``examples`` is this client's training data."""
 
     def __init__(self, client_id: str, runtime: Any, examples: Sequence[dict], train: TrainConfig,
-                 state_dir: str | os.PathLike | None = None):
+                 state_dir: str | os.PathLike | None = None, plan: Any = None):
+        """``plan``: this client's :class:`.fleet.ClientPlan` in a heterogeneous fleet (its rank
+        and checkpoint level; ``train`` and ``runtime`` already carry its micro-batch, codec and
+        backbone); None: the run's configuration as it is."""
         self.client_id = str(client_id)
+        self.plan = plan
         self.rt = runtime
         self.examples = list(examples)
         self.train_cfg = train
@@ -129,10 +133,29 @@ class Client:
         """(known global, local params, error-feedback residual) of the newest version <= upto."""
         vs = [v for v in self._versions() if v <= upto]
         if not vs:
-            return {}, dict(self.rt.initial_local), {}
+            return {}, self.initial_local(), {}
         st = self._mem[vs[-1]] if self.state_dir is None else VersionedFiles(self.state_dir).load(upto)
-        return split_prefixed(st, "known"), split_prefixed(st, "local") or dict(self.rt.initial_local), \
+        return split_prefixed(st, "known"), split_prefixed(st, "local") or self.initial_local(), \
             split_prefixed(st, "ef")
+
+    def initial_local(self) -> dict[str, torch.Tensor]:
+        """The local parameters before the first round (at this client's rank in a fleet)."""
+        if self.plan is None:
+            return dict(self.rt.initial_local)
+        from .hetero import trim
+
+        return trim(self.rt.initial_local, self.rt.method.rank_axes(), self.plan.rank)
+
+    @contextlib.contextmanager
+    def as_planned(self):
+        """The shared model at this client's rank and checkpoint level (a fleet's plan) for the body."""
+        if self.plan is None:
+            yield
+            return
+        from .hetero import checkpoint_level, rank_view
+
+        with rank_view(self.rt.method, self.plan.rank), checkpoint_level(self.rt.method, self.plan.checkpoint_level):
+            yield
 
     def save_state(self, round: int, known: dict, local: dict, ef: dict) -> int:
         """Persist the state of ``round`` (nothing when there is nothing to keep); returns how many
@@ -239,6 +262,13 @@ class Client:
     # -- the two entry points --------------------------------------------------------------
     def fit(self, downlink_blob: bytes, round: int, attack: Any = None) -> tuple[bytes, dict[str, Any]]:
         """``attack`` (an :class:`.attacks.Attack`, local engine only) tampers with the delta."""
+        with self.as_planned():
+            blob, metrics = self._fit(downlink_blob, round, attack)
+        if self.plan is not None:  # the server's record says what each client ran with
+            metrics["plan"] = self.plan.as_row()
+        return blob, metrics
+
+    def _fit(self, downlink_blob: bytes, round: int, attack: Any) -> tuple[bytes, dict[str, Any]]:
         cfg, method = self.train_cfg, self.rt.method
         known, local, ef_state = self._receive(downlink_blob, round, round - 1)
         method.load(known)
@@ -290,9 +320,10 @@ class Client:
         validation examples and, in test rounds, its own test split and the global test set
         (``Runtime.evaluate``)."""
         known, local, ef_state = self._receive(downlink_blob, round, round)
-        self.rt.method.load(known)
-        self.rt.method.load(local)
-        metrics = self.rt.evaluate(round, client=self.client_id)
+        with self.as_planned():
+            self.rt.method.load(known)
+            self.rt.method.load(local)
+            metrics = self.rt.evaluate(round, client=self.client_id)
         # Only what the client holds changed (delta-coded downlink): nothing else to write.
         grew = self.save_state(round, known, local, ef_state) if self.keeps_known else 0
         return {**metrics, "state_bytes_delta": grew}

@@ -341,13 +341,15 @@ class Hooks:
 
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks | None = None,
                    client_factory: Callable | None = None, echo: Callable[[str], None] = print,
-                   lock_token: str | None = None, config_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   lock_token: str | None = None, config_extra: dict[str, Any] | None = None,
+                   plans: dict | None = None) -> dict[str, Any]:
     """Run (or resume) a federated experiment on the local engine; returns the summary.
 
     ``lock_token``: the token of the run directory's lock when the process that launched this
     one holds it (Flower's ServerApp); otherwise the run takes the lock itself.
     ``config_extra``: entries written over ``config.json``'s from the start (the Flower engines
-    record their engine there, so that ``--resume`` of an interrupted run resumes it on Flower)."""
+    record their engine there, so that ``--resume`` of an interrupted run resumes it on Flower).
+    ``plans``: a fleet's client plans made by the clients themselves (Flower's SuperNodes)."""
     hooks = hooks or Hooks()
     if cfg.engine != "local":
         # The other engines sit above this package (they run this loop with remote clients).
@@ -362,7 +364,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
     with locked_run_directory(cfg, out, resume, echo=echo, token=lock_token) as (lock, ckpt):
         with library_progress_bars(show_progress(cfg)):
             # Everything that can fail on the user's input fails here, before any file is written.
-            rt = build_runtime(cfg, echo=echo)
+            rt = build_runtime(cfg, echo=echo, plans=plans)
             if ckpt is not None:
                 check_checkpoint_fits(cfg, rt, out, ckpt)
             with output_directory(out, created=bool(lock.created)):

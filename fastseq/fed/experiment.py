@@ -163,6 +163,12 @@ class ExperimentConfig:
     # local engine: worker processes that train a round's clients in parallel on one shared
     # backbone (fastseq.fed.workers); None: auto (fastseq.fed.workers.resolve_workers)
     workers: int | None = None
+    # Heterogeneous fleet (fastseq.fed.fleet): tiers of clients with their own memory / uplink
+    # budgets; each client plans its rank, quantization, checkpoint level, micro-batch and codec.
+    # None: every client runs this config as it is.
+    fleet: dict | None = None
+    hetero_aggregation: str | None = None  # holders | zero-pad | hetlora | flexlora; None: the method's
+    fleet_misfit: str = "refuse"           # a tier nothing fits: refuse the run, or drop its clients
 
     def __post_init__(self) -> None:
         # lr None is the method's own default, resolved here so that config.json records the lr
@@ -286,6 +292,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
         self._validate_robustness(choice)
         self._validate_harness()
+        self._validate_fleet(choice)
         if self.dtype is not None:
             choice("dtype", DTYPES)
         if not DEVICE_RE.fullmatch(self.device):
@@ -323,6 +330,26 @@ class ExperimentConfig:
             raise ConfigError(f"harness_tasks scores the global model in the server's evaluation; {self.method} "
                               f"scores each client's own model instead: leave out harness_tasks and score the "
                               f"run's global adapter with `fastseq eval`")
+
+    def _validate_fleet(self, choice) -> None:
+        from .fleet import MISFIT, parse_fleet
+        from .hetero import RULES
+
+        choice("fleet_misfit", MISFIT)
+        if self.hetero_aggregation is not None:
+            choice("hetero_aggregation", RULES)
+        if self.fleet is None:
+            if self.hetero_aggregation is not None:
+                raise ConfigError("hetero_aggregation applies to a heterogeneous fleet; pass --fleet FILE too")
+            return
+        parse_fleet(self.fleet, self.r if self.method == "scl" else None)
+        refuse = [(self.deepspeed is not None, "--deepspeed (a DeepSpeed client owns its devices and batch)"),
+                  (self.secagg, "--secagg (masked sums need every client's update at one shape)"),
+                  (self.dp == "central", "--dp central (its noise is calibrated to one update shape; use --dp local)"),
+                  (self.method == "fedex-lora", "fedex-lora (its residual folds products at one rank)")]
+        for bad, what in refuse:
+            if bad:
+                raise ConfigError(f"a heterogeneous fleet cannot be combined with {what}")
 
     def _validate_robustness(self, choice) -> None:
         choice("aggregator", AGGREGATORS)
@@ -558,6 +585,11 @@ class Runtime:
     scorer: Callable | None = field(default=None, repr=False)
     # cfg.harness_tasks resolved and built (fastseq.data.harness.HarnessScorer), None: off
     harness: Any = field(default=None, repr=False)
+    # a heterogeneous fleet (plan_fleet_run): each client's plan, tier and the backbone per quantization
+    plans: dict | None = None
+    tiers_of: dict | None = None
+    hetero_rule: str | None = None
+    backbones: dict = field(default_factory=dict, repr=False)
 
     def evaluate(self, round: int | None = None, client: str | None = None,
                  state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -718,23 +750,33 @@ def check_environment(cfg: ExperimentConfig):
     return make_task(cfg), device
 
 
-def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
+def load_backbone(cfg: ExperimentConfig, task, data, device: torch.device, quantization: str):
+    """(model, processor, method): the backbone loaded with ``quantization`` and the method's
+    adapter injected (deterministically from the run's seed), in eval mode on ``device``."""
     from ..models import load_model
 
-    task, device = check_environment(cfg)
-    harness = _harness_scorer(cfg, task)
-    data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model, task.model_kind, num_labels=data.num_labels,
-                                  dtype=cfg.dtype, quantization=cfg.quantization, processor=task.processor_use,
+                                  dtype=cfg.dtype, quantization=quantization, processor=task.processor_use,
                                   # a quantized backbone is placed by bitsandbytes, on the run's device
-                                  device=device if cfg.quantization != "none" else None)
+                                  device=device if quantization != "none" else None)
     heads = task.head_modules_for(model)
     method = make_method(cfg)
     model = method.prepare(model, heads, cfg.seed)
-    if cfg.quantization == "none":
+    if quantization == "none":
         model.to(device)
     model.eval()
+    return model, processor, method
+
+
+def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) -> Runtime:
+    """The run's runtime: task data, partition, backbone(s) and method. ``plans``: a fleet's client
+    plans made elsewhere (each Flower SuperNode plans itself), instead of planning from
+    ``cfg.fleet`` here."""
+    task, device = check_environment(cfg)
+    harness = _harness_scorer(cfg, task)
+    data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
+    model, processor, method = load_backbone(cfg, task, data, device, cfg.quantization)
     val_idx: list[int] = []
     keys = list(data.partition_keys)
     pool = list(range(len(keys)))  # training indices the partitioner sees
@@ -765,8 +807,115 @@ def build_runtime(cfg: ExperimentConfig, echo=print) -> Runtime:
     if val_examples:
         echo(f"validation: {len(val_examples)} training examples held out ({cfg.validation_split}); "
              f"test: {len(eval_examples)} examples")
-    return Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
-                   method.global_state(), eval_examples, val_examples, val_parts, harness=harness)
+    rt = Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
+                 method.global_state(), eval_examples, val_examples, val_parts, harness=harness)
+    if cfg.fleet is not None:
+        plan_fleet_run(cfg, rt, echo, plans)
+    return rt
+
+
+def plan_inputs(cfg: ExperimentConfig, rt: Runtime):
+    """What each client of a fleet plans with (:class:`.fleet.PlanInputs`): this run's model,
+    batch and codec, and the exact size of its encoded update at any rank and codec."""
+    from ..comm import encode, get_codec
+    from .fleet import PlanInputs
+    from .hetero import trimmed_shapes
+
+    method, model = rt.method, rt.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shapes = {n: tuple(rt.initial_global[n].shape) for n in method.shared_names()}
+    axes = method.rank_axes()
+    full = method.adapter_rank
+    params = cfg.train_config().codec_params()
+
+    def update_bytes(rank: int, codec: str) -> int:
+        zeros = {n: torch.zeros(s) for n, s in trimmed_shapes(shapes, axes, rank).items()}
+        return len(encode(zeros, get_codec(codec, **params), round=1, client_id=str(cfg.clients - 1),
+                          method=method.name, example_count=1,
+                          # a loss of as many digits as a real one: the header is the real one's size
+                          extra={"train_loss": 0.12345678901234568, "steps": cfg.local_steps}))
+
+    try:
+        from ..quant import QUANTIZATIONS
+    except ImportError:
+        QUANTIZATIONS = ("none",)
+    quants = []
+    for q in QUANTIZATIONS:  # what bitsandbytes can run on this device
+        try:
+            from ..quant import check_device
+
+            check_device(q, rt.device)
+            quants.append(q)
+        except Exception:
+            pass
+    # The memory model is SCL's: a LoRA method is planned as the SCL of the same fraction of its rank.
+    return PlanInputs(model=base, r=full, placement=cfg.scl_placement, train_compress=cfg.scl_train_compress,
+                      batch_size=cfg.batch_size * cfg.grad_accum, seq_len=cfg.max_length or 512,
+                      run_quantization=cfg.quantization, run_checkpoint_level=method.checkpoint_level,
+                      run_codec=cfg.codec, run_device=rt.device.type, quantizations=quants or ["none"],
+                      update_bytes=update_bytes, num_labels=rt.data.num_labels,
+                      scl_r_of=(None if method.name == "scl" else (lambda k: max(1, round(cfg.r * k / full)))))
+
+
+def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print, plans: dict | None = None) -> None:
+    """Every client of ``cfg.fleet`` plans itself (:mod:`.fleet`; ``plans``: planned elsewhere);
+    a tier nothing fits refuses the run (or, with ``fleet_misfit = "drop"``, leaves its clients
+    out). Sets ``rt.plans`` and loads one more backbone for each other quantization the plans chose."""
+    from .fleet import FleetMisfit, assign_tiers, fleet_table, load_fleet, plan_fleet
+    from .hetero import check_rule, default_rule
+
+    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
+    if cfg.hetero_aggregation is not None:
+        check_rule(rt.method, cfg.hetero_aggregation)
+    if plans is None:
+        plans = plan_fleet(fleet, assign_tiers(fleet, cfg.clients, cfg.seed), plan_inputs(cfg, rt))
+    tiers_of = {c: p.tier for c, p in plans.items()}
+    rule = cfg.hetero_aggregation or default_rule(rt.method)
+    echo(f"fleet: {len(set(tiers_of.values()))} tiers, rank ladder {fleet.ladder(rt.method.adapter_rank)}, "
+         f"aggregation {rule}:\n{fleet_table(plans)}")
+    misfits = {c: p for c, p in plans.items() if not p.fits}
+    if misfits:
+        reasons = sorted({p.reason for p in misfits.values()})
+        if cfg.fleet_misfit == "refuse":
+            raise FleetMisfit(f"{'; '.join(reasons)}; give the tier more memory or uplink, lower the run's batch "
+                              f"size / max_length, add a smaller rank to rank_ladder, or pass --fleet-misfit drop "
+                              f"to leave its clients out")
+        echo(f"fleet: leaving out clients {', '.join(misfits)}: {'; '.join(reasons)}")
+        eligible = len(plans) - len(misfits)
+        if eligible < cfg.clients_per_round:
+            raise ConfigError(f"only {eligible} clients fit their tiers, fewer than clients_per_round="
+                              f"{cfg.clients_per_round}; lower --clients-per-round or fix the fleet")
+    ranks = {p.rank for p in plans.values() if p.fits}
+    if len(ranks) > 1:
+        check_rule(rt.method, rule)
+    rt.plans, rt.tiers_of = plans, tiers_of
+    rt.hetero_rule = rule
+    rt.backbones = {cfg.quantization: rt}
+    for q in sorted({p.quantization for p in plans.values() if p.fits} - {cfg.quantization}):
+        backbone_for(cfg, rt, q, echo)
+
+
+def backbone_for(cfg: ExperimentConfig, rt: Runtime, quantization: str, echo=print) -> Runtime:
+    """The runtime of the backbone loaded with ``quantization`` (loaded now if it is not yet)."""
+    if quantization not in rt.backbones:
+        model, processor, method = load_backbone(cfg, rt.task, rt.data, rt.device, quantization)
+        rt.backbones[quantization] = dataclasses.replace(rt, model=model, processor=processor, method=method,
+                                                         backbones={})
+        echo(f"fleet: loaded one more backbone, {quantization}, for the tiers that chose it")
+    return rt.backbones[quantization]
+
+
+def plan_node_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, tier, echo=print):
+    """A client that plans itself for its own budgets (a Flower SuperNode's node config): its
+    plan replaces the fleet tier's in ``rt.plans``; returns it."""
+    from .fleet import load_fleet, plan_tier
+
+    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
+    plan = plan_tier(tier, fleet.ladder(rt.method.adapter_rank), plan_inputs(cfg, rt))
+    rt.plans = {**(rt.plans or {}), client_id: plan}
+    if plan.fits:
+        backbone_for(cfg, rt, plan.quantization, echo)
+    return plan
 
 
 def _harness_scorer(cfg: ExperimentConfig, task):
@@ -810,7 +959,12 @@ def make_evaluator(rt: Runtime):
 
 def build_server(cfg: ExperimentConfig, rt: Runtime, logger=None, state_dir: str | os.PathLike | None = None) -> Server:
     """``state_dir``: where the server keeps per-client state on disk (see :class:`.server.Server`)."""
-    return Server(rt.method, rt.initial_global, cfg.server_config(), evaluator=make_evaluator(rt), logger=logger,
+    scfg = cfg.server_config()
+    if rt.plans:
+        fits = {c: p for c, p in rt.plans.items() if p.fits}
+        scfg = dataclasses.replace(scfg, ranks={c: p.rank for c, p in fits.items()}, hetero_rule=rt.hetero_rule,
+                                   excluded=tuple(c for c in rt.plans if c not in fits))
+    return Server(rt.method, rt.initial_global, scfg, evaluator=make_evaluator(rt), logger=logger,
                   state_dir=state_dir)
 
 
@@ -821,7 +975,13 @@ def build_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, state_dir: 
 
         return DeepSpeedClient(str(client_id), rt, examples, cfg.train_config(), state_dir,
                                deepspeed=DeepSpeedConfig.from_dict(cfg.deepspeed))
-    return Client(str(client_id), rt, examples, cfg.train_config(), state_dir)
+    plan = rt.plans.get(str(client_id)) if rt.plans else None
+    if plan is None:
+        return Client(str(client_id), rt, examples, cfg.train_config(), state_dir)
+    # a fleet client: its own micro-batch (the effective batch kept), codec and backbone
+    train = dataclasses.replace(cfg.train_config(), batch_size=plan.micro_batch, grad_accum=plan.grad_accum,
+                                codec=plan.codec)
+    return Client(str(client_id), rt.backbones.get(plan.quantization, rt), examples, train, state_dir, plan=plan)
 
 
 def default_out(cfg: ExperimentConfig) -> str:

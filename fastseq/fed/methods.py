@@ -139,6 +139,20 @@ class Method(abc.ABC):
     def _inject(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
         ...
 
+    def refresh_params(self) -> None:
+        """Re-read the model's parameters (after :func:`.hetero.rank_view` swapped some)."""
+        self._params = dict(self.model.named_parameters())
+
+    @property
+    def adapter_rank(self) -> int:
+        """The global adapter's rank: the most a client of a fleet can train (:mod:`.hetero`)."""
+        return self.r
+
+    def rank_axes(self) -> dict[str, int]:
+        """Parameter name -> the axis of its rank slots, for every tensor whose size is the
+        adapter's rank (a heterogeneous fleet's clients train the first slots of each)."""
+        return {}
+
     def trainable_names(self) -> list[str]:
         return [n for n, p in self._params.items() if p.requires_grad]
 
@@ -233,6 +247,19 @@ class SCLMethod(Method):
     def trainable_names(self):
         return self.model.fastseq_adapter.parameter_names(self.model)
 
+    def rank_axes(self):
+        from ..adapters.scl import SCLLayer
+
+        axes = {}
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, SCLLayer):
+                out = "expand" if mod.placement == "residual" else "project"
+                axes[f"{name}.compress.weight"] = 0  # C: r x f, its rows
+                if mod.compress.bias is not None:
+                    axes[f"{name}.compress.bias"] = 0
+                axes[f"{name}.{out}.weight"] = 1     # E: f x r / P: d x r, its columns
+        return axes
+
     def save_adapter(self, directory):
         save_adapter(self.model, directory)
 
@@ -309,6 +336,15 @@ class LoRAMethod(Method):
 
     def save_adapter(self, directory):
         self.model.save_pretrained(str(directory))
+
+    @property
+    def adapter_rank(self) -> int:
+        return self.lora_r
+
+    def rank_axes(self):
+        axes = {a: 0 for _, a, _, _ in self.pairs}   # A: r x in, its rows
+        axes.update({b: 1 for _, _, b, _ in self.pairs})  # B: out x r, its columns
+        return axes
 
     def a_names(self):
         return [a for _, a, _, _ in self.pairs]

@@ -205,6 +205,9 @@ class RoundRunner:
                     results.append((cid, outcome[0]))
                     client_metrics[cid] = outcome[1]
             rec = server.aggregate(r, results, failures)
+        plans = {c: m.pop("plan") for c, m in client_metrics.items() if "plan" in m}
+        if plans:  # a heterogeneous fleet: what each client ran with (fleet.ClientPlan.as_row)
+            rec["plans"] = plans
         if cfg.byzantine > 0:
             rec["hostile"] = hostile
         if pool is not None:

@@ -21,6 +21,7 @@ import torch
 from ..comm import ByteCounter, DownlinkState, Expected, PayloadError, decode
 from .aggregators import clip_update, get_combiner, l2_norm
 from .client import derive_seed
+from .hetero import nested_aggregate, trim, trimmed_shapes
 from .methods import Method
 from .privacy import CentralDP, DPConfig, epsilon_central, epsilon_local
 from .server_opt import ServerOptimizer
@@ -58,6 +59,11 @@ class ServerConfig:
     norm_bound: float | None = None   # norm-clip's L2 bound on each client's delta
     personal_eval_clients: int | None = None  # see personal_eval_count
     dp: DPConfig = field(default_factory=DPConfig)  # client-level DP, see .privacy
+    # A heterogeneous fleet (.fleet, .hetero): each client's rank (None: all at the full rank), the
+    # nested-rank aggregation rule, and clients left out because nothing fits their tier.
+    ranks: dict[str, int] | None = None
+    hetero_rule: str | None = None
+    excluded: tuple[str, ...] = ()
 
 
 @dataclass
@@ -106,13 +112,21 @@ class Server:
         if not (1 <= cfg.clients_per_round <= cfg.num_clients):
             raise ValueError(f"clients_per_round must be in 1..{cfg.num_clients}, got {cfg.clients_per_round}")
         self._shapes = {n: tuple(initial_state[n].shape) for n in self.shared}
+        # nested ranks: only when the fleet's clients do not all train the full rank
+        self.ranks = cfg.ranks if cfg.ranks and any(
+            trimmed_shapes(self._shapes, method.rank_axes(), r) != self._shapes for r in cfg.ranks.values()) else None
+        if len(self.client_ids) < cfg.clients_per_round:
+            raise ValueError(f"clients_per_round={cfg.clients_per_round} exceeds the {len(self.client_ids)} clients "
+                             f"that can take part")
         self.dp = CentralDP(cfg.dp, cfg.clients_per_round) if cfg.dp.mode == "central" else None
         if self.dp is not None and cfg.aggregator != "mean":
             raise ValueError("--dp central calibrates its noise to the mean; use aggregator 'mean'")
 
     @property
     def client_ids(self) -> list[str]:
-        return [str(i) for i in range(self.cfg.num_clients)]
+        """The clients that take part (a fleet's misfits left out)."""
+        out = set(self.cfg.excluded)
+        return [str(i) for i in range(self.cfg.num_clients) if str(i) not in out]
 
     def sample(self, round: int) -> list[str]:
         rng = random.Random(derive_seed(self.cfg.seed, round, "sample"))
@@ -121,7 +135,10 @@ class Server:
     def _downlink(self, cid: str, round: int, hold: bool = False) -> bytes:
         if isinstance(self.down.known, KnownStore):
             self.down.known.round = round
-        blob, held = self.down.send(cid, self.global_state, round=round, method=self.method.name)
+        state = self.global_state
+        if self.ranks is not None:  # a client of rank r_k receives the first r_k slots
+            state = trim(state, self.method.rank_axes(), self.ranks[cid])
+        blob, held = self.down.send(cid, state, round=round, method=self.method.name)
         if hold:
             self._held[cid] = held
         self.bytes.record(blob)
@@ -136,8 +153,8 @@ class Server:
         """The clients a personalised evaluation scores: all of them, or (``personal_eval_clients``
         fewer than the clients) a panel drawn once from the seed, the same every round so that the
         rounds' means compare the same clients."""
-        n = personal_eval_count(self.cfg.num_clients, self.cfg.personal_eval_clients)
-        if n >= self.cfg.num_clients:
+        n = personal_eval_count(len(self.client_ids), self.cfg.personal_eval_clients)
+        if n >= len(self.client_ids):
             return self.client_ids
         rng = random.Random(derive_seed(self.cfg.seed, "personal-eval"))
         return sorted(rng.sample(self.client_ids, n), key=int)
@@ -174,14 +191,18 @@ class Server:
         expected = Expected(tensors={n: (s, None) for n, s in self._shapes.items()}, round=round,
                             method=self.method.name, direction="up", codecs=self.cfg.uplink_codecs,
                             max_bytes=self.cfg.max_update_bytes)
-        states, weights, ok, losses, clipped = [], [], [], [], []
+        states, weights, ok, losses, clipped, ranks = [], [], [], [], [], []
         norms: dict[str, float] = {}
         examples = 0
         dp_clip = self.dp.clip if self.dp is not None else None
         for cid, blob in results:
             cid = str(cid)
             try:
-                exp = Expected(**{**expected.__dict__, "client_id": cid})
+                mine = {"client_id": cid}
+                if self.ranks is not None:  # its update is at its own rank
+                    shapes = trimmed_shapes(self._shapes, self.method.rank_axes(), self.ranks[cid])
+                    mine["tensors"] = {n: (s, None) for n, s in shapes.items()}
+                exp = Expected(**{**expected.__dict__, **mine})
                 upd = decode(blob, expected=exp)
                 for n, t in upd.tensors.items():
                     if not bool(torch.isfinite(t).all()):
@@ -215,6 +236,8 @@ class Server:
             weights.append(1.0 if dp_clip is not None else float(upd.example_count))
             examples += upd.example_count
             ok.append(cid)
+            if self.ranks is not None:
+                ranks.append(self.ranks[cid])
             tl = upd.extra.get("train_loss")
             if isinstance(tl, (int, float)) and math.isfinite(tl):
                 losses.append((tl, upd.example_count))
@@ -224,7 +247,7 @@ class Server:
         record["update_norms"] = norms
         if self.cfg.aggregator == "norm-clip" or dp_clip is not None:
             record["clipped"] = clipped  # clients whose delta was scaled down to norm_bound / dp_clip
-        return self._commit(round, record, states, weights, norms)
+        return self._commit(round, record, states, weights, norms, ranks)
 
     def aggregate_secure(self, round: int, result: SecureSum) -> dict[str, Any]:
         """The round record from a secure sum: the new global state is the weighted mean of what
@@ -264,7 +287,8 @@ class Server:
         }
 
     def _commit(self, round: int, record: dict[str, Any], states: list[dict[str, torch.Tensor]],
-                weights: list[float], norms: dict[str, float] | None = None) -> dict[str, Any]:
+                weights: list[float], norms: dict[str, float] | None = None,
+                ranks: list[int] | None = None) -> dict[str, Any]:
         """Aggregate ``states`` into the global state (central DP: noise on the mean, then the
         adaptive clip's step; server optimizer step), or skip the round when fewer than
         ``min_clients`` updates are valid."""
@@ -273,7 +297,11 @@ class Server:
             self.log(f"round {round}: only {len(record['clients'])} valid updates (< min_clients="
                      f"{self.cfg.min_clients}); the global state is unchanged")
         else:
-            target = self.method.aggregate(self.global_state, states, weights, combine=self.combine)
+            if ranks:  # clients of several ranks: .hetero's rule
+                target = nested_aggregate(self.method, self.cfg.hetero_rule, self.global_state, states, weights,
+                                          ranks, self.combine)
+            else:
+                target = self.method.aggregate(self.global_state, states, weights, combine=self.combine)
             if self.dp is not None:
                 ok = record["clients"]
                 noised = self.dp.add_noise({n: target[n] for n in self.shared}, len(ok),

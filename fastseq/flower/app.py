@@ -82,9 +82,11 @@ def _replies_by_request(messages: list[Message], replies) -> list[Message | None
 # ---------------------------------------------------------------------------------------------
 # ServerApp
 # ---------------------------------------------------------------------------------------------
-def discover_nodes(grid: Grid, num_clients: int, wait_s: float, echo=print) -> dict[str, int]:
+def discover_nodes(grid: Grid, num_clients: int, wait_s: float, echo=print,
+                   plans: dict[str, dict] | None = None) -> dict[str, int]:
     """Ask every connected node for its partition id until ``0..num_clients-1`` are all
-    covered; returns ``{client_id: node_id}``."""
+    covered; returns ``{client_id: node_id}``. ``plans``: filled with each node's fleet plan of
+    its client (a heterogeneous fleet: every node plans itself)."""
     mapping: dict[str, int] = {}
     asked: set[int] = set()
     deadline = time.monotonic() + wait_s
@@ -117,6 +119,8 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float, echo=print) -> d
                 if cid in mapping and mapping[cid] != node:
                     raise RemoteClientError(f"nodes {mapping[cid]} and {node} both claim partition-id={pid}")
                 mapping[cid] = node
+                if plans is not None and "plan" in rec:
+                    plans[cid] = json.loads(rec["plan"])
         missing = [str(i) for i in range(num_clients) if str(i) not in mapping]
         if not missing:
             return mapping
@@ -225,7 +229,16 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
              f"SuperLink's machine (give an absolute path)")
         cfg.out = os.path.abspath(cfg.out)
     echo(f"flower: waiting for {cfg.clients} SuperNodes (partition-id 0..{cfg.clients - 1})")
-    nodes = discover_nodes(grid, cfg.clients, float(flower["node-wait-s"]), echo=echo)
+    reported: dict[str, dict] = {}
+    nodes = discover_nodes(grid, cfg.clients, float(flower["node-wait-s"]), echo=echo, plans=reported)
+    plans = None
+    if cfg.fleet is not None:  # each node planned its client on its own machine
+        from ..fed.fleet import ClientPlan
+
+        missing = [c for c in nodes if c not in reported]
+        if missing:
+            raise RemoteClientError(f"the nodes of clients {', '.join(missing)} reported no fleet plan")
+        plans = {c: ClientPlan(**reported[c]) for c in sorted(reported, key=int)}
     echo("flower: client -> node " + ", ".join(f"{c}->{n}" for c, n in sorted(nodes.items(), key=lambda x: int(x[0]))))
     timeout = float(flower["reply-timeout-s"])
 
@@ -253,7 +266,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], echo=print) -> dict[str, 
     wait_s = OUT_LOCK_WAIT_S if flower["resume"] else 0.0
     with run_lock(cfg.out, token=flower["run-lock"] or None, echo=echo, wait_s=wait_s) as lock:
         summary = run_experiment(local_cfg, resume=bool(flower["resume"]), client_factory=factory, echo=echo,
-                                 lock_token=lock.token, config_extra=extra)
+                                 lock_token=lock.token, config_extra=extra, plans=plans)
         summary["engine"] = engine
         atomic_write_json(Path(cfg.out) / "summary.json", summary)
     return summary
@@ -299,6 +312,15 @@ def build_local_client(context: Context, client_id: str):
         _RUNTIME_CACHE.clear()
         _RUNTIME_CACHE[key] = build_runtime(cfg, echo=log.info)
     rt = _RUNTIME_CACHE[key]
+    if cfg.fleet is not None:
+        from ..fed.experiment import plan_node_client
+        from ..fed.fleet import node_tier
+
+        tier = node_tier(dict(context.node_config), client_id)
+        planned = rt.plans.get(client_id) if rt.plans else None
+        if tier is not None and (planned is None or planned.tier != tier.name or planned.memory_budget != tier.memory
+                                 or planned.uplink_budget != tier.uplink):
+            plan_node_client(cfg, rt, client_id, tier, echo=log.info)  # on the machine it runs on
     state_dir = client_state_root(context, flower) / f"client_{client_id}"
     return build_client(cfg, rt, client_id, state_dir)
 
@@ -338,6 +360,12 @@ def _query(msg: Message, context: Context) -> Message:
     nc = context.node_config
     rec = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)),
                         "num-partitions": int(nc.get("num-partitions", -1))})
+    if "partition-id" in nc and str(context.run_config.get("fleet", "")).strip():
+        # a heterogeneous fleet: the node plans its client here, on its own machine (a model load)
+        import dataclasses
+
+        client = build_local_client(context, str(nc["partition-id"]))
+        rec["plan"] = json.dumps(dataclasses.asdict(client.plan))
     return Message(content=RecordDict({RECORD: rec}), reply_to=msg)
 
 
@@ -375,7 +403,7 @@ def make_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, Clie
 
     @client.query()
     def _client_query(msg: Message, context: Context) -> Message:
-        return _query(msg, context)
+        return _query(msg, _with_run_config(context, run_config))
 
     return server, client
 
