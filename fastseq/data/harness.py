@@ -276,7 +276,7 @@ def metric_rows(run: str | os.PathLike) -> list[list[str]]:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.4g}" if abs(x) >= 1e6 else f"{x:.4f}"  # (a word perplexity of a random model: 1.381e+19)
+    return f"{x:.4g}" if abs(x) >= 1e6 else f"{x:.4f}"  # (a random model's perplexity of whole answers)
 
 
 def timed_score(scorer: HarnessScorer, model, tokenizer, log_samples: bool = False) -> tuple[dict[str, Any], float]:
