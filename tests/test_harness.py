@@ -125,6 +125,22 @@ def test_harness_tasks_during_a_run_score_the_global_model(scl_run):
         assert rec["tasks"][PPL]["metrics"]["perplexity,none"] == pytest.approx(ppl[rnd], rel=1e-5)
 
 
+def test_your_own_task_yaml_with_local_json(scl_run, tmp_path):
+    """--include-path: a task of the user's own, lm-eval's usual `dataset_path: json` over a local file."""
+    docs = json.loads((SHIPPED_TASKS / TASK / f"{TASK}.json").read_text())[:3]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"q": d["question"], "a": d["choices"][d["label"]]}) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "my_task.yaml").write_text(
+        "task: my_answers\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: loglikelihood\n"
+        "doc_to_text: \"Q: {{q}}\\nA:\"\ndoc_to_target: \" {{a}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")
+    assert main(["eval", str(scl_run), "--tasks", "my_answers", "--include-path", str(tmp_path / "tasks")]) == 0
+    entry = json.loads((scl_run / "harness" / "round_2.json").read_text())["tasks"]["my_answers"]
+    assert entry["n_samples"]["effective"] == 3 and entry["metrics"]["perplexity,none"] > 1
+
+
 def test_lora_baseline_evaluates_the_same_way(tmp_path):
     """FedEx-LoRA's final adapter/ (PEFT's files + the residual folded into the base weights)
     scores what its checkpoint does, and not what the base model does."""
