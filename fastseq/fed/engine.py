@@ -466,7 +466,7 @@ def _line(rec: dict) -> str:
             parts.append(f"{k} {v:.4f}")
     for k, v in rec.items():  # lm-eval's scores (harness_tasks), e.g. harness/pubmedqa/acc
         if k.startswith("harness/") and isinstance(v, (int, float)):
-            parts.append(f"{k} {v:.4f}")
+            parts.append(f"{k} {v:.4g}" if abs(v) >= 1e6 else f"{k} {v:.4f}")
     if "epsilon" in rec:  # a DP run: the privacy spent so far (None: no noise, no guarantee)
         parts.append(f"epsilon {_fmt_eps(rec['epsilon'])}")
     parts.append(f"up {rec.get('uplink_bytes', 0):,} B, down {rec.get('downlink_bytes', 0):,} B")
