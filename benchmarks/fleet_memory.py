@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     for t, r in fl["tiers"].items():
         lines.append(f"| {t} | {r['rank']} | {r['quantization']} | {r['checkpoint_level']} | {r['micro_batch']} | "
                      f"{r['codec']} | {r['estimated_bytes'] / mib:.1f} MiB | {r['measured_step'] / mib:.1f} MiB |")
-    lines += ["", f"* backbones loaded: " + ", ".join(f"{q} {b / mib:.1f} MiB" for q, b in fl["backbones"].items()),
+    lines += ["", "* backbones loaded: " + ", ".join(f"{q} {b / mib:.1f} MiB" for q, b in fl["backbones"].items()),
               f"* peak RSS: plain run {pl['peak_rss'] / mib:.0f} MiB, fleet run {fl['peak_rss'] / mib:.0f} MiB "
               f"(+{grown / mib:.0f} MiB)",
               f"* allowed growth: the extra backbones {extra_backbones / mib:.1f} MiB + one client's training state "

@@ -89,7 +89,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model: hub id, local folder, all-MiniLM-L6-v2 or a tiny-* model"),
     ("--task", "task", str, "task name (bbc-news, synthetic, medquad, dolly, ...)"),
     ("--data-path", "data_path", str, "local data file/folder or hub id for the task"),
-    ("--method", "method", str, "scl | fedavg-lora | ffa-lora | fedsa-lora | fedex-lora"),
+    ("--method", "method", str, "scl | fedsa-scl | fedavg-lora | ffa-lora | fedsa-lora | fedex-lora"),
     ("--rounds", "rounds", int, "federated rounds"),
     ("--clients", "clients", int, "number of clients"),
     ("--clients-per-round", "clients_per_round", int, "clients sampled per round"),
@@ -97,6 +97,15 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--partition", "partition", str, "iid | dirichlet | pathological"),
     ("--alpha", "alpha", float, "Dirichlet concentration (smaller = more skewed)"),
     ("--classes-per-client", "classes_per_client", int, "keys per client (pathological)"),
+    ("--min-client-size", "min_client_size", int, "examples every client must get from the partition"),
+    ("--partitioner", "partitioner", str, "a flwr-datasets partitioner class instead of --partition, e.g. "
+                                          "DirichletPartitioner, PathologicalPartitioner, ShardPartitioner, "
+                                          "NaturalIdPartitioner (its num_partitions, alpha, seed, "
+                                          "num_classes_per_partition and min_partition_size come from --clients, "
+                                          "--alpha, --seed, --classes-per-client and --min-client-size; the rest "
+                                          "from --partitioner-options)"),
+    ("--partition-by", "partition_by", str, "partition by this column of the data (--task hf: any scalar column "
+                                            "of --dataset, e.g. a user id)"),
     ("--local-steps", "local_steps", int, "local optimizer steps per round"),
     ("--local-epochs", "local_epochs", float, "local epochs per round (instead of steps)"),
     ("--r", "r", int, "SCL rank (and the budget LoRA's rank is matched to)"),
@@ -147,6 +156,9 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),
     ("--client-gpus", "client_gpus", float, "flower-sim: GPU fraction per virtual client, e.g. 0.25"),
     ("--out", "out", str, "output directory (default runs/<timestamp>-<method>)"),
+    ("--report-to", "report_to", str, "experiment trackers, comma-separated: tensorboard, mlflow, wandb, trackio, "
+                                      "or none (default none); each writes locally (offline) by default, see "
+                                      "README 'Tracking'"),
     ("--quantization", "quantization", str, "backbone quantization: none | int8 | nf4"),
     ("--max-length", "max_length", int, "max tokens per text example"),
     ("--max-examples", "max_examples", int, "cap the dataset size"),
@@ -164,7 +176,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
                                                      "--harness-every rounds, the last; default: none); see "
                                                      "`fastseq eval`"),
     ("--harness-every", "harness_every", int, "score --harness-tasks every N rounds"),
-    ("--harness-limit", "harness_limit", _harness_limit, "documents per --harness-tasks task: a count, or a fraction in (0, 1)"),
+    ("--harness-limit", "harness_limit", _harness_limit, "documents per --harness-tasks task: a count, or a "
+                                                         "fraction in (0, 1)"),
     ("--server-opt", "server_opt", str, "fedavg | fedavgm | fedadam"),
     ("--server-lr", "server_lr", float, "server learning rate (default 1.0, fedadam 0.01)"),
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),
@@ -198,7 +211,15 @@ NONE_MEANS: dict[str, str] = {
     "harness_limit": "every document",
     "fleet": "off: every client runs the run's own configuration",
     "hetero_aggregation": "holders for scl with C frozen and ffa-lora, hetlora for the others",
+    "partitioner": "fastseq's own, --partition",
+    "partition_by": "the task's key: its label or category",
 }
+
+# --task hf's column flags: task options (ExperimentConfig.task_options)
+TASK_COLUMN_FLAGS = (("--text-column", "text_column", "classification: the column holding the text"),
+                     ("--label-column", "label_column", "classification: the column holding the label"),
+                     ("--prompt-column", "prompt_column", "instruction tuning: the column holding the prompt"),
+                     ("--response-column", "response_column", "instruction tuning: the column holding the response"))
 
 
 def _config_default(key: str) -> Any:
@@ -247,6 +268,15 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     for flag, key, typ, hlp in RUN_FLAGS:
         p.add_argument(flag, dest=key, type=typ, default=None,
                        help=_with_default(key, hlp.replace("{default_lrs}", default_lrs_text())))
+    p.add_argument("--dataset", dest="data_path", default=None, metavar="PATH_OR_ID",
+                   help="--task hf: a save_to_disk folder, a parquet/json/jsonl/csv file or folder, or a hub id (the "
+                        "same setting as --data-path; default: none)")
+    for flag, key, hlp in TASK_COLUMN_FLAGS:
+        p.add_argument(flag, dest=key, default=None, metavar="COLUMN",
+                       help=f"--task hf, {hlp} (a task option; default: none)")
+    p.add_argument("--partitioner-options", dest="partitioner_options", type=_json_table, default=None,
+                   metavar="JSON", help="the --partitioner's other arguments, e.g. '{\"num_shards_per_partition\": 2}' "
+                                        "or '{\"self_balancing\": true}' (default: {}, the class's own defaults)")
     p.add_argument("--deepspeed", dest="deepspeed", type=_json_table, default=None, metavar="JSON",
                    help=_with_default("deepspeed", 'train clients under DeepSpeed, e.g. \'{"zero_stage": 2}\' '
                                                    '(see docs/deployment.md)'))
@@ -268,7 +298,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = [k for _, k, _, _ in RUN_FLAGS] + ["error_feedback", "progress", "deepspeed", "scl_layers",
-                                              "scl_train_compress", "secagg"]
+                                              "scl_train_compress", "secagg", "partitioner_options"]
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if over.get("workers") == "auto":
         over["workers"] = None
@@ -289,11 +319,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config:
             base.update(_read_config(args.config))
         base.update(over)
+        _add_task_columns(base, args)
         base["out"] = str(d)
         _run(ExperimentConfig.from_dict(base), resume=True)
         return 0
     base = _read_config(args.config)
     base.update(over)
+    _add_task_columns(base, args)
     _run(ExperimentConfig.from_dict(base), resume=False)
     return 0
 
@@ -308,6 +340,14 @@ def _read_config(path: str | None) -> dict[str, Any]:
         fleet = Path(base["fleet"])
         base["fleet"] = read_fleet_file(str(fleet if fleet.is_absolute() else Path(path).parent / fleet))
     return base
+
+
+def _add_task_columns(base: dict[str, Any], args: argparse.Namespace) -> None:
+    """--text-column & co. into the config's task_options (over a config file's, key by key)."""
+    cols = {key: getattr(args, key) for _, key, _ in TASK_COLUMN_FLAGS if getattr(args, key, None) is not None}
+    if cols:
+        opts = base.get("task_options") or {}
+        base["task_options"] = {**opts, **cols} if isinstance(opts, dict) else opts  # not a table: validate says so
 
 
 def _run(cfg, resume: bool) -> None:

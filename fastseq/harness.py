@@ -234,8 +234,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description="Score the final adapter of a run (or a saved round's, --round K; round 0 is the base model) on "
                     "lm-evaluation-harness tasks through lm-eval's own HFLM, and write the results to "
                     "RUN/harness/round_K.json (shown by `fastseq compare`). Needs the harness extra: "
-                    + INSTALL_HINT + ". fastseq ships the offline tasks fastseq_medqa_mini (accuracy) and fastseq_medqa_mini_ppl (perplexity); hub tasks (mmlu_anatomy, "
-                    "pubmedqa, ...) need the Hugging Face hub or its cache.",
+                    + INSTALL_HINT + ". fastseq ships the offline tasks fastseq_medqa_mini (accuracy) and "
+                    "fastseq_medqa_mini_ppl (perplexity); hub tasks (mmlu_anatomy, pubmedqa, ...) need the Hugging "
+                    "Face hub or its cache.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a run directory written by `fastseq run` (a causal-LM task)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names (glob patterns "

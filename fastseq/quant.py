@@ -197,7 +197,9 @@ def prepare_for_kbit_training(model: nn.Module, norms_fp32: bool = True, activat
     keep_cpu_layout(model)
     keep = set()
     if getattr(model, "fastseq_adapter", None) is not None:
-        keep = set(model.fastseq_adapter.parameter_names(model))
+        from .adapters import scl_parameter_names
+
+        keep = set(scl_parameter_names(model))  # every active SCL adapter's (fedsa-scl has two)
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
     if norms_fp32:

@@ -38,7 +38,6 @@ Writes ``benchmarks/results/fleet_study[_tag].{csv,json,md,png}``; runs go to
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path

@@ -75,3 +75,15 @@ def _one_tile_config_on_cuda(request):
 
     with pinned_configs(gemm=1, p=0):
         yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread in this process for the test: bit-identity with forked workers (which run
+    one each) holds at the same threads per client."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

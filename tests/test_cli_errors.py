@@ -167,7 +167,7 @@ CASES = [
     ("plan-budget-word", ["plan", "--model", "tiny-llama", "--budget", "lots"], "cannot read 'lots' as a size"),
     ("plan-budget-zero", ["plan", "--model", "tiny-llama", "--budget", "0"], "the budget must be more than 0 bytes"),
     ("plan-budget-negative", ["plan", "--model", "tiny-llama", "--budget=-2GB"], "cannot read '-2GB' as a size"),
-    ("plan-budget-missing", ["plan", "--model", "tiny-llama"], "the following arguments are required: --budget"),
+    ("plan-budget-missing", ["plan", "--model", "tiny-llama"], "fastseq plan needs --budget (e.g. 8GB) or --fleet FILE"),
     ("plan-model-missing", ["plan", "--model", "/nonexistent", "--budget", "8GB"], "does not exist"),
     ("plan-model-unknown", ["plan", "--model", "nobody/no-such-model", "--budget", "8GB"], "cannot read a config"),
     ("plan-batch-size", ["plan", "--model", "tiny-llama", "--budget", "8GB", "--batch-size", "0"],

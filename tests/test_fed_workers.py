@@ -26,13 +26,7 @@ from fed_helpers import assert_bit_identical, history, run_rows as _rows, tiny_c
 QUIET = dict(echo=lambda s: None)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Bit-identity holds at the same torch threads per client: the sequential run gets one too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 ENGINE_PID = os.getpid()  # a forked worker sees the same value and another os.getpid()

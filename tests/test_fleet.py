@@ -22,12 +22,7 @@ QUIET = dict(echo=lambda s: None)
 TWO_RANKS = {"tiers": [{"name": "big", "share": 0.5}, {"name": "small", "share": 0.5, "max_rank": 2}]}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # --- fleet files ------------------------------------------------------------------------------
@@ -249,10 +244,11 @@ def test_a_fleet_all_at_a_lower_rank_is_the_run_at_that_rank(tmp_path, method):
         torch.testing.assert_close(g[k][:, :2], p[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, rule", [("scl", "holders"), ("ffa-lora", "zero-pad"), ("fedavg-lora", "flexlora")])
-def test_a_two_rank_fleet_trains_and_counts_bytes_per_client(tmp_path, method, rule):
+@pytest.mark.parametrize("method, rule, kw", [("scl", "holders", {}), ("scl", "zero-pad", {"scl_placement": "residual"}),
+                                              ("ffa-lora", "zero-pad", {}), ("fedavg-lora", "flexlora", {})])
+def test_a_two_rank_fleet_trains_and_counts_bytes_per_client(tmp_path, method, rule, kw):
     cfg = tiny_config(tmp_path, fleet=TWO_RANKS, clients=4, clients_per_round=3, method=method,
-                      lora_r=None if method == "scl" else 4, hetero_aggregation=rule, rounds=2)
+                      lora_r=None if method == "scl" else 4, hetero_aggregation=rule, rounds=2, **kw)
     out = Path(run_experiment(cfg, **QUIET)["out"])
     rows = history(out)
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
@@ -273,6 +269,26 @@ def test_a_fleet_with_workers_is_the_sequential_fleet(tmp_path):
     seq = run_experiment(tiny_config(tmp_path, "seq", workers=1, **kw), **QUIET)
     par = run_experiment(tiny_config(tmp_path, "par", workers=2, **kw), **QUIET)
     assert_bit_identical(Path(seq["out"]), Path(par["out"]))
+
+
+@pytest.mark.parametrize("method, rule", [("scl", "holders"), ("fedsa-lora", "hetlora")])
+def test_an_interrupted_fleet_run_resumes_to_the_uninterrupted_result(tmp_path, method, rule):
+    """Each client's state (its error feedback, FedSA-LoRA's local B) is kept at its own rank, the
+    server's at the full rank: a run stopped after round 1 and resumed equals the uninterrupted one."""
+    from fastseq.fed.engine import Hooks
+
+    class Interrupt(Hooks):
+        def on_round_end(self, round, record):
+            if round == 1:
+                raise KeyboardInterrupt("Ctrl-C after round 1")
+
+    kw = dict(fleet=TWO_RANKS, clients=4, clients_per_round=3, method=method, hetero_aggregation=rule,
+              lora_r=None if method == "scl" else 4, codec="int8", error_feedback=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(tmp_path, "cut", **kw), hooks=Interrupt(), **QUIET)
+    run_experiment(tiny_config(tmp_path, "cut", **kw), resume=True, **QUIET)
+    full = run_experiment(tiny_config(tmp_path, "full", **kw), **QUIET)
+    assert_bit_identical(tmp_path / "cut", Path(full["out"]))
 
 
 def test_a_tier_nothing_fits_is_refused_or_dropped(tmp_path, capsys):

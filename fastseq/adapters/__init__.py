@@ -7,13 +7,19 @@ from .scl import (
     AdapterState,
     ParameterCount,
     SCLLayer,
+    adapters_of,
     count_parameters,
+    delete_adapter,
+    disable_adapter,
     get_scl_model,
+    mixed_adapter_batch,
     scl_parameter_names,
+    set_adapter,
 )
 
 __all__ = [
     "AdapterError", "AdapterState", "FFNSite", "FFNStyle", "ParameterCount", "SCLLayer", "UnsupportedModelError",
-    "adapter_state_dict", "count_parameters", "find_ffn_sites", "get_scl_model", "load_adapter",
-    "read_adapter_config", "register", "save_adapter", "scl_parameter_names", "supported_model_types",
+    "adapter_state_dict", "adapters_of", "count_parameters", "delete_adapter", "disable_adapter", "find_ffn_sites",
+    "get_scl_model", "load_adapter", "mixed_adapter_batch", "read_adapter_config", "register", "save_adapter",
+    "scl_parameter_names", "set_adapter", "supported_model_types",
 ]

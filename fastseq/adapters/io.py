@@ -15,25 +15,33 @@ from .. import __version__
 from .._atomic import atomic_write_bytes
 from ..config import SCLConfig
 from .registry import FFNSite, detect_activation, find_ffn_sites
-from .scl import AdapterError, get_scl_model
+from .scl import DEFAULT_ADAPTER, AdapterError, AdapterState, adapters_of, get_scl_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _adapter(model: nn.Module):
+def _adapter(model: nn.Module, adapter_name: str | None = None) -> AdapterState:
+    """The adapter named `adapter_name`, or the active one (None)."""
     state = getattr(model, "fastseq_adapter", None)
     if state is None:
         raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
-    return state
+    if adapter_name is None:
+        return state
+    adapters = adapters_of(model)
+    if adapter_name not in adapters:
+        raise AdapterError(f"this model has no SCL adapter named {adapter_name!r}; its adapters are {sorted(adapters)}")
+    return adapters[adapter_name]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (SCL, a frozen C included, plus down projections / heads when
-    trained), detached copies."""
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter (`adapter_name`, default the active one): SCL, a frozen C
+    included, plus down projections / heads when trained; detached copies, named as in an
+    adapter file (the ``<entry>.scl.`` names, whatever the adapter's name)."""
+    state = _adapter(model, adapter_name)
     params = dict(model.named_parameters())
-    return {name: params[name].detach().contiguous().clone() for name in _adapter(model).saved_names(model)}
+    return {state.file_name(name): params[name].detach().contiguous().clone() for name in state.saved_names(model)}
 
 
 def _ffn_kind(sites: list[FFNSite]) -> tuple[str, str]:
@@ -44,12 +52,14 @@ def _ffn_kind(sites: list[FFNSite]) -> tuple[str, str]:
     return ",".join(styles), ",".join(acts)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter of `model` to `directory` (created if needed); returns the directory."""
-    state = _adapter(model)
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write an adapter of `model` (`adapter_name`, default the active one) to `directory`
+    (created if needed); returns the directory. The files do not record the adapter's name:
+    `load_adapter` loads them under any name."""
+    state = _adapter(model, adapter_name)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, state.name)
     ffn_style, ffn_activation = _ffn_kind(state.sites)
     meta = {
         "adapter_type": "scl",
@@ -106,8 +116,12 @@ def _base_mismatches(meta: dict, model: nn.Module, sites: list[FFNSite]) -> list
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True,
-                 strict: bool = True) -> nn.Module:
-    """Inject the saved adapter into a fresh base `model` and load its weights (in place).
+                 strict: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Inject the saved adapter into `model` as `adapter_name` and load its weights (in place).
+
+    Into a base model it becomes the first (active) adapter; into a model that has SCL adapters
+    already it is added beside them as PEFT's ``load_adapter`` does (inactive and frozen until
+    `set_adapter`).
 
     The model must be the kind of base the adapter was trained on: the same ``model_type``,
     FFN style and FFN activation (as ``adapter_config.json`` records them) and the same FFNs
@@ -153,10 +167,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
     if recorded != {name: list(t.shape) for name, t in tensors.items()}:
         raise AdapterError(f"{weights_path} does not hold the tensors {CONFIG_NAME} lists; the adapter directory is damaged")
 
-    get_scl_model(model, config, trainable_modules=meta.get("trainable_modules", []))
-    params = dict(model.named_parameters())
-    expected = _adapter(model).saved_names(model)
-    missing = sorted(set(expected) - set(tensors))
+    first = not adapters_of(model)
+    get_scl_model(model, config, trainable_modules=meta.get("trainable_modules", []), adapter_name=adapter_name)
+    state = adapters_of(model)[adapter_name]
+    params = {state.file_name(n): p for n, p in model.named_parameters() if n in set(state.saved_names(model))}
+    missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise AdapterError(f"adapter weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -167,5 +182,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
                 raise AdapterError(f"{name}: shape {tuple(tensor.shape)} in the adapter, {tuple(param.shape)} in the model")
             param.copy_(tensor.to(param.dtype))
     if not is_trainable:
-        model.requires_grad_(False)
+        if first:
+            model.requires_grad_(False)
+        else:
+            for param in params.values():
+                param.requires_grad_(False)
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -33,6 +34,25 @@ TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class AdapterError(ValueError):
     """An adapter cannot be injected into, saved from or loaded into this model."""
+
+
+class FrozenLinear(nn.Module):
+    """A linear map whose weight (and bias) are buffers: saved and moved with the model, never
+    trained and never counted as parameters. PEFT keeps frozen adapter tensors this way (VeRA's
+    A/B); the state-dict keys (``weight``, ``bias``) are those of the ``nn.Linear`` it replaces,
+    so files written while C was a frozen Parameter load unchanged."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, frozen"
 
 
 class SCLLayer(nn.Module):
@@ -83,6 +103,19 @@ class SCLLayer(nn.Module):
         for lin in (self.compress, self.out):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+    def freeze_compress(self) -> None:
+        """Keep C as buffers (`FrozenLinear`) instead of a frozen Parameter."""
+        if not isinstance(self.compress, FrozenLinear):
+            self.compress = FrozenLinear(self.compress)
+
+    def randomize_out(self, generator: torch.Generator | None = None) -> None:
+        """Start E / P away from zero (Kaiming uniform like C, bound 1/sqrt(r)): the adapted model
+        then differs from the base at init, which save/load and disable tests need to see."""
+        bound = 1.0 / math.sqrt(self.r)
+        out = torch.empty(self.out.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        with torch.no_grad():
+            self.out.weight.copy_(out)
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
         """``s * out(sigma(C h))``: ``[..., f]`` (residual) or ``[..., d]`` (parallel)."""
@@ -185,6 +218,27 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+BASE_ROWS = "__base__"  # PEFT's adapter name for the rows of a mixed batch that run the base model
+
+
+def reference_ffn(site: FFNSite, x: torch.Tensor, scl_layers: list[SCLLayer]) -> torch.Tensor:
+    """The FFN with the branches of one or several SCL layers, with the model's own modules
+    (level 0, any projection type). Several layers add their branches, as PEFT adds the deltas
+    of several active LoRA adapters: residual ones inside the down projection, parallel ones
+    after it."""
+    pre = site.up(x)
+    h = site.act(site.gate(x)) * pre if site.gate is not None else site.act(pre)
+    inner, parallel = h, None
+    for scl in scl_layers:
+        if scl.placement == "residual":
+            inner = inner + scl.branch(h)
+        else:
+            parallel = scl.branch(h) if parallel is None else parallel + scl.branch(h)
+    down = site.down
+    y = type(down).forward(down, inner)  # the class forward: split FFNs patch down.forward to identity
+    return y if parallel is None else y + parallel
+
+
 class SCLFeedForward:
     """Replaces the forward of the module that computes an FFN (set as an instance attribute).
 
@@ -200,14 +254,7 @@ class SCLFeedForward:
 
     # reference math with the model's own modules: works for every projection type
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        site, scl = self.site, self.scl
-        pre = site.up(x)
-        h = site.act(site.gate(x)) * pre if site.gate is not None else site.act(pre)
-        down = site.down
-        forward = type(down).forward  # the class forward: split FFNs patch down.forward to identity
-        if scl.placement == "parallel":
-            return forward(down, h) + scl.branch(h)
-        return forward(down, scl(h))
+        return reference_ffn(self.site, x, [self.scl])
 
     def fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         from fastseq import kernels
@@ -253,15 +300,84 @@ class SCLFeedForward:
         return post(y) if post is not None else y
 
 
+def run_adapters(x: torch.Tensor, forwards: dict[str, SCLFeedForward], active: list[str],
+                 base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One FFN with its active adapters: none (the base FFN), one (its own path: reference or
+    fused, as its config says) or several (their branches summed, on the reference path: the
+    fused kernel takes one C and one E / P)."""
+    present = [forwards[name] for name in active if name in forwards]
+    if not present:
+        return base_forward(x)
+    if len(present) == 1:
+        return present[0](x)
+    site = present[0].site
+    y = reference_ffn(site, x, [f.scl for f in present])
+    return site.post(y) if site.post is not None else y
+
+
+def run_mixed_batch(x: torch.Tensor, forwards: dict[str, SCLFeedForward], adapter_names: list[str],
+                    base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One FFN where row i of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+    Each adapter runs on its own rows through its usual path (so the fused kernels keep working);
+    rows naming an adapter this FFN does not have (it targets other layers) run the base FFN,
+    as in PEFT. The rows are gathered per adapter and put back in order: outputs and gradients
+    are those of running each adapter alone on its rows."""
+    if len(adapter_names) != x.shape[0]:
+        raise AdapterError(f"adapter_names has {len(adapter_names)} names but the batch has {x.shape[0]} rows; "
+                           f"give one adapter name (or {BASE_ROWS!r}) per row")
+    rows: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(row)
+    outputs, order = [], []
+    for name, idx in rows.items():
+        sub = x if len(rows) == 1 else x.index_select(0, torch.tensor(idx, device=x.device))
+        forward = forwards.get(name)
+        outputs.append(base_forward(sub) if forward is None else forward(sub))
+        order += idx
+    if len(rows) == 1:
+        return outputs[0]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(outputs).index_select(0, inverse.to(x.device))
+
+
 # --- injection --------------------------------------------------------------------------------
+
+DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
+
 
 @dataclass
 class AdapterState:
-    """What `get_scl_model` did to a model; kept on the model as ``model.fastseq_adapter``."""
+    """One adapter `get_scl_model` injected; ``model.fastseq_adapters[name]``, and the active one
+    is also ``model.fastseq_adapter``.
+
+    The adapter named ``"default"`` keeps its layers at ``<entry>.scl`` (the names fastseq has
+    always used); any other adapter at ``<entry>.scl_adapters.<name>``. Files do not depend on
+    the name: `save_adapter` writes every adapter under the ``<entry>.scl.`` names.
+    """
 
     config: SCLConfig
     sites: list[FFNSite]
     trainable_modules: list[str] = field(default_factory=list)
+    name: str = DEFAULT_ADAPTER
+
+    def scl_prefix(self, site: FFNSite) -> str:
+        """Parameter-name prefix of this adapter's SCL layer at `site`."""
+        if self.name == DEFAULT_ADAPTER:
+            return site.scl_prefix
+        return f"{_entry_path(site)}.scl_adapters.{self.name}".lstrip(".")
+
+    def layer(self, site: FFNSite) -> SCLLayer:
+        return self.scl_layers()[site.name]
+
+    def scl_layers(self) -> dict[str, SCLLayer]:
+        """This adapter's SCL layer at each site, by site name."""
+        out = {}
+        for site in self.sites:
+            router = site.entry.__dict__["forward"]
+            out[site.name] = router.forwards[self.name].scl
+        return out
 
     def parameter_names(self, model: nn.Module) -> list[str]:
         """Names of every parameter the adapter trains (a frozen C is not one of them)."""
@@ -271,15 +387,61 @@ class AdapterState:
     def saved_names(self, model: nn.Module) -> list[str]:
         """What the adapter saves: every SCL parameter (a frozen C too: the adapter needs it),
         the down projections with ``train_down_proj`` and the trainable head modules."""
-        prefixes = [site.scl_prefix + "." for site in self.sites]
+        prefixes = [self.scl_prefix(site) + "." for site in self.sites]
         if self.config.train_down_proj:
             prefixes += [_down_prefix(site) + "." for site in self.sites]
         prefixes += [name + "." for name in self.trainable_modules]
         return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
 
+    def file_name(self, name: str) -> str:
+        """The name a parameter of this adapter has in an adapter file (the default adapter's)."""
+        for site in self.sites:
+            prefix = self.scl_prefix(site) + "."
+            if name.startswith(prefix):
+                return site.scl_prefix + "." + name[len(prefix):]
+        return name
+
     def _compress_names(self, model: nn.Module) -> list[str]:
-        prefixes = tuple(site.scl_prefix + ".compress." for site in self.sites)
+        prefixes = tuple(self.scl_prefix(site) + ".compress." for site in self.sites)
         return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+@dataclass
+class AdapterSelection:
+    """What the FFN routers of one model run (shared by all of them): the active adapters,
+    whether adapters are disabled, and per-row adapter names for a mixed batch."""
+
+    active: list[str] = field(default_factory=lambda: [DEFAULT_ADAPTER])
+    disabled: bool = False
+    adapter_names: list[str] | None = None
+
+
+class FFNRouter:
+    """The forward `get_scl_model` sets on an FFN entry module: runs the selected adapters."""
+
+    def __init__(self, site: FFNSite, selection: AdapterSelection):
+        self.site, self.selection = site, selection
+        self.forwards: dict[str, SCLFeedForward] = {}
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        entry, site = self.site.entry, self.site
+        y = type(entry).forward(entry, x)
+        if site.style.split:  # the down module passes its input on: apply the down projection here
+            down = site.down
+            y = type(down).forward(down, y)
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sel = self.selection
+        if sel.disabled:
+            return self.base_forward(x)
+        if sel.adapter_names is not None:
+            return run_mixed_batch(x, self.forwards, sel.adapter_names, self.base_forward)
+        return run_adapters(x, self.forwards, sel.active, self.base_forward)
+
+
+def _entry_path(site: FFNSite) -> str:
+    return f"{site.name}.{site.style.entry}".strip(".") if site.style.entry else site.name
 
 
 def _down_prefix(site: FFNSite) -> str:
@@ -300,18 +462,48 @@ def _matching_module_names(model: nn.Module, wanted: str) -> list[str]:
     return [n for n, _ in model.named_modules() if n == wanted or n.endswith("." + wanted)]
 
 
-def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[str, ...] | list[str] = ()) -> nn.Module:
+def adapters_of(model: nn.Module) -> dict[str, AdapterState]:
+    """The SCL adapters `get_scl_model` injected into `model`, by name (empty if none)."""
+    return getattr(model, "fastseq_adapters", None) or {}
+
+
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ROWS:
+        raise AdapterError(f"adapter_name must be a non-empty string without '.' and not {BASE_ROWS!r} "
+                           f"(the name of the base model in a mixed batch), got {name!r}")
+
+
+def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[str, ...] | list[str] = (),
+                  adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Inject an SCL layer into every targeted FFN of `model`, in place, and return it.
 
     Everything is frozen except the SCL parameters, the down projections when
     ``config.train_down_proj``, and the modules named in `trainable_modules` (a task head
     such as ``"classifier"``; a name matches a module path or its suffix).
+
+    Called again with another `adapter_name`, it adds a second adapter as PEFT's
+    ``add_adapter`` does: the active adapter stays active (`set_adapter` switches), the new
+    one is frozen until then. Head modules and down projections would be shared by the
+    adapters, so only the first adapter may train them.
     """
     if not isinstance(config, SCLConfig):
         raise AdapterError(f"config must be an SCLConfig, got {type(config).__name__}")
     config.validate()
-    if getattr(model, "fastseq_adapter", None) is not None:
+    _check_adapter_name(adapter_name)
+    existing = adapters_of(model)
+    if getattr(model, "fastseq_adapter", None) is not None and not existing:
         raise AdapterError("this model already has SCL layers; load the base model again to inject a new adapter")
+    if adapter_name in existing:
+        raise AdapterError(f"this model already has SCL layers for the adapter named {adapter_name!r}; pass another "
+                           f"adapter_name to add a second adapter, or delete_adapter(model, {adapter_name!r}) first")
+    if existing:
+        first = next(iter(existing.values()))
+        if trainable_modules or config.train_down_proj or first.config.train_down_proj:
+            raise AdapterError(
+                f"adapter {adapter_name!r} would share the model's head modules / down projections with adapter "
+                f"{first.name!r}: only a model's first SCL adapter may have trainable_modules or train_down_proj. "
+                f"Load another copy of the base model, or use PEFT (SCLPeftConfig with modules_to_save keeps a "
+                f"copy of the head per adapter)")
     sites = _select_sites(find_ffn_sites(model), config.layers)
 
     head_names: list[str] = []
@@ -328,8 +520,8 @@ def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[
             raise AdapterError(f"train_down_proj=True needs a floating-point down projection, but it is quantized at "
                                f"{quantized[:3]}; load the model without quantization or keep train_down_proj=False")
 
-    model.requires_grad_(False)
-    for site in sites:
+    layers: list[tuple[FFNSite, SCLLayer, str | None]] = []
+    for site in sites:  # every check before the model is touched
         ffn_activation = detect_activation(site.act)
         scl_activation = config.activation or ffn_activation
         if scl_activation is None:
@@ -340,21 +532,134 @@ def get_scl_model(model: nn.Module, config: SCLConfig, trainable_modules: tuple[
         scl = SCLLayer(site.d_ffn, config.r, scl_activation, config.scale, config.bias, device=_device_of(site.up),
                        placement=config.placement, d_model=site.d_model,
                        generator=compress_generator(config.init_seed, site.name))
-        if not config.train_compress:
-            scl.compress.requires_grad_(False)
+        layers.append((site, scl, ffn_activation))
+
+    if not existing:
+        model.requires_grad_(False)
+        model.fastseq_selection = AdapterSelection(active=[adapter_name])
+    selection: AdapterSelection = model.fastseq_selection
+    state = AdapterState(config, sites, head_names, adapter_name)
+    for site, scl, ffn_activation in layers:
         entry = site.entry
-        entry.scl = scl  # registered as a child: parameters named <entry>.scl.{compress,expand}.*
-        entry.forward = SCLFeedForward(site, scl, config, ffn_activation)
+        # registered as a child: parameters named <entry>.scl.* (or <entry>.scl_adapters.<name>.*)
+        if adapter_name == DEFAULT_ADAPTER:
+            entry.scl = scl
+        else:
+            if "scl_adapters" not in entry._modules:
+                entry.scl_adapters = nn.ModuleDict()
+            entry.scl_adapters[adapter_name] = scl
+        router = entry.__dict__.get("forward")
+        if not isinstance(router, FFNRouter):
+            router = entry.forward = FFNRouter(site, selection)
+        router.forwards[adapter_name] = SCLFeedForward(site, scl, config, ffn_activation)
         if site.style.split:
             # The entry now returns the FFN output; the down module only passes it on.
             site.down.forward = _identity
         if config.train_down_proj:
             site.down.requires_grad_(True)
+    trainable = adapter_name in selection.active
+    for scl in state.scl_layers().values():
+        scl.requires_grad_(trainable)
+        if not config.train_compress:
+            scl.compress.requires_grad_(False)
     for name in head_names:
         model.get_submodule(name).requires_grad_(True)
 
-    model.fastseq_adapter = AdapterState(config, sites, head_names)
+    model.fastseq_adapters = {**existing, adapter_name: state}
+    if not existing:
+        model.fastseq_adapter = state
     return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """Make `adapter_name` the active SCL adapter of a `get_scl_model` model, as PEFT's
+    ``set_adapter``: it runs and trains, the others are frozen (``model.fastseq_adapter`` is it).
+    A list activates several: their branches add (on the reference path), all of them train,
+    and ``model.fastseq_adapter`` is the first."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise AdapterError("set_adapter needs at least one adapter name (disable_adapter(model) runs the base model)")
+    for name in names:
+        adapters = _named_adapter(model, name)
+    for name, state in adapters.items():
+        for scl in state.scl_layers().values():
+            scl.requires_grad_(name in names)
+            if not state.config.train_compress:
+                scl.compress.requires_grad_(False)
+    model.fastseq_selection.active = names
+    model.fastseq_adapter = adapters[names[0]]
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an SCL adapter and its tensors. Deleting the active adapter activates the first
+    remaining one (by name, as PEFT does); deleting the last one gives back the base model."""
+    adapters = _named_adapter(model, adapter_name)
+    state = adapters.pop(adapter_name)
+    for site in state.sites:
+        entry = site.entry
+        router = entry.__dict__["forward"]
+        del router.forwards[adapter_name]
+        if adapter_name == DEFAULT_ADAPTER:
+            del entry.scl
+        else:
+            del entry.scl_adapters[adapter_name]
+            if not len(entry.scl_adapters):
+                del entry.scl_adapters
+        if not router.forwards:  # the FFN is plain again
+            del entry.forward
+            if site.style.split:
+                site.down.__dict__.pop("forward", None)
+    if not adapters:
+        for attr in ("fastseq_adapters", "fastseq_adapter", "fastseq_selection"):
+            delattr(model, attr)
+        return
+    active = model.fastseq_selection.active
+    if adapter_name in active:
+        set_adapter(model, [a for a in active if a != adapter_name] or sorted(adapters)[0])
+
+
+@contextmanager
+def disable_adapter(model: nn.Module):
+    """Within the block the model computes the base model (PEFT's ``disable_adapter()``)."""
+    selection = _selection(model)
+    before, selection.disabled = selection.disabled, True
+    try:
+        yield
+    finally:
+        selection.disabled = before
+
+
+@contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names: list[str]):
+    """Within the block row i of every batch uses adapter ``adapter_names[i]`` (``"__base__"``:
+    the base model): PEFT's ``model(..., adapter_names=...)`` for a `get_scl_model` model."""
+    adapters = adapters_of(model)
+    unknown = sorted({n for n in adapter_names if n != BASE_ROWS} - set(adapters))
+    if unknown:
+        raise AdapterError(f"adapter_names names adapters this model does not have: {unknown}; it has "
+                           f"{sorted(adapters)} (and {BASE_ROWS!r} for the base model)")
+    selection = _selection(model)
+    before, selection.adapter_names = selection.adapter_names, list(adapter_names)
+    try:
+        yield
+    finally:
+        selection.adapter_names = before
+
+
+def _selection(model: nn.Module) -> AdapterSelection:
+    selection = getattr(model, "fastseq_selection", None)
+    if selection is None:
+        raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
+    return selection
+
+
+def _named_adapter(model: nn.Module, adapter_name: str) -> dict[str, AdapterState]:
+    adapters = adapters_of(model)
+    if not adapters:
+        raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
+    if adapter_name not in adapters:
+        raise AdapterError(f"this model has no SCL adapter named {adapter_name!r}; its adapters are {sorted(adapters)}")
+    return adapters
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -362,10 +667,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def scl_parameter_names(model: nn.Module) -> list[str]:
+    """What the active adapter trains (all active adapters', when `set_adapter` gave several)."""
     state = getattr(model, "fastseq_adapter", None)
     if state is None:
         raise AdapterError("model has no SCL adapter; call fastseq.get_scl_model first")
-    return state.parameter_names(model)
+    adapters = adapters_of(model)
+    names = state.parameter_names(model)
+    for other in model.fastseq_selection.active[1:]:
+        names += [n for n in adapters[other].parameter_names(model) if n not in names]
+    return names
 
 
 class ParameterCount(NamedTuple):

@@ -13,6 +13,7 @@ See docs/tasks.md for the tasks, their data sources, partition keys and metrics.
 """
 
 from . import metrics
+from . import hf  # noqa: F401 - registers the 'hf' task
 from .base import DataError, Task, TaskData, get_task, list_tasks, register_task, task_options
 from .instruction import AUTHORS_PROMPT, InstructionTask, ensure_pad_token
 from .text_classification import SyntheticTask, TextClassificationTask

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -70,6 +71,37 @@ class TaskData:
     @property
     def num_labels(self) -> int | None:
         return None if self.label_names is None else len(self.label_names)
+
+    def meta_columns(self) -> list[str]:
+        """The columns every train example carries in ``example["meta"]`` (the ``hf`` task keeps
+        a dataset's scalar columns there), in order."""
+        if not self.train or not all(isinstance(e.get("meta"), dict) for e in self.train):
+            return []
+        common = set(self.train[0]["meta"]).intersection(*(e["meta"] for e in self.train[1:]))
+        return [c for c in self.train[0]["meta"] if c in common]
+
+    def keyed_by(self, column: str | None) -> "TaskData":
+        """This data with ``partition_keys`` (and ``test_partition_keys``) read from the meta
+        column ``column`` (None: unchanged); a DataError naming the columns there are."""
+        if column is None:
+            return self
+        have = self.meta_columns()
+        if column not in have:
+            if not have:
+                raise DataError(f"--partition-by {column!r}: this task has no columns to partition by (its key is "
+                                f"its label or category); use --task hf with a dataset that has a {column!r} column, "
+                                f"or leave out --partition-by.")
+            import difflib
+
+            close = difflib.get_close_matches(column, have, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"--partition-by {column!r}{hint}: no such column; the columns are {have}. Pass one of "
+                            f"them.")
+        keys = [e["meta"][column] for e in self.train]
+        test_keys = ([e.get("meta", {}).get(column) for e in self.test]
+                     if all(isinstance(e.get("meta"), dict) for e in self.test) else None)
+        return dataclasses.replace(self, partition_keys=keys, test_partition_keys=test_keys,
+                                   info={**self.info, "partition_by": column})
 
 
 class Task(abc.ABC):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..models import resolve_model_source
+from ..tracking import Trackers
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
 from .rounds import ClientPool, RoundRunner
@@ -86,7 +87,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus", "workers", "harness_tasks", "harness_every", "harness_limit")
+                     "client_gpus", "workers", "report_to", "harness_tasks", "harness_every", "harness_limit")
 
 
 class NothingTrained(RuntimeError):
@@ -374,9 +375,19 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, hooks: Hooks 
 def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
                 client_factory: Callable | None, echo: Callable[[str], None],
                 config_extra: dict[str, Any]) -> dict[str, Any]:
-    progress = show_progress(cfg)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "method_info": _jsonable(rt.method.info),
                                             "resolved_model": resolve_model_source(cfg.model), **config_extra})
+    # --report-to: the trackers get the config now, each round's row and, at the end, the summary and files
+    with Trackers(cfg.report_to, out, cfg.to_dict(), resume=ckpt is not None, echo=echo) as trackers:
+        summary = _train_and_finish(cfg, rt, out, ckpt, hooks, client_factory, echo, trackers)
+        trackers.finish(summary)
+    return summary
+
+
+def _train_and_finish(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: Hooks,
+                      client_factory: Callable | None, echo: Callable[[str], None], trackers: Trackers
+                      ) -> dict[str, Any]:
+    progress = show_progress(cfg)
     if ckpt is not None:  # a finished run trained further is unfinished until finish() writes its summary again
         (out / "summary.json").unlink(missing_ok=True)
     server = build_server(cfg, rt, logger=echo, state_dir=out / "server")
@@ -418,7 +429,7 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
     if workers > 1:
         runner.server_runtime, rt.scorer = rt, runner.score_in_workers
     try:
-        _rounds_loop(cfg, runner, server, clients, out, ckpt, metrics_path, hooks, echo, progress)
+        _rounds_loop(cfg, runner, server, clients, out, ckpt, metrics_path, hooks, echo, progress, trackers)
     finally:
         rt.scorer = None
         runner.close()  # no worker outlives the run, whatever ended it
@@ -426,9 +437,11 @@ def _run_rounds(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, hooks: 
 
 
 def _rounds_loop(cfg: ExperimentConfig, runner: RoundRunner, server, clients: ClientPool, out: Path,
-                 ckpt: Path | None, metrics_path: Path, hooks: Hooks, echo, progress: bool) -> None:
+                 ckpt: Path | None, metrics_path: Path, hooks: Hooks, echo, progress: bool,
+                 trackers: Trackers) -> None:
     if ckpt is not None:
         _write_metrics(metrics_path, server.history)
+        trackers.catch_up(server.history)
         echo(f"resumed from {ckpt} (round {server.round})")
         start = server.round + 1
         last = server.history[-1] if server.history else {}
@@ -440,6 +453,7 @@ def _rounds_loop(cfg: ExperimentConfig, runner: RoundRunner, server, clients: Cl
         server.finish_round(rec0)
         save_checkpoint(out, server, 0)
         _write_metrics(metrics_path, server.history)
+        trackers.log(rec0)
         echo(_line(rec0))
         start = 1
 
@@ -454,6 +468,7 @@ def _rounds_loop(cfg: ExperimentConfig, runner: RoundRunner, server, clients: Cl
         clients.commit(r, touched)
         server.commit(r, touched)
         _write_metrics(metrics_path, server.history)
+        trackers.log(rec)
         echo(_line(rec))
         hooks.on_round_end(r, rec)
 

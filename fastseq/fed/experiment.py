@@ -85,6 +85,13 @@ class ExperimentConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     min_client_size: int = 8
+    # A flwr-datasets partitioner class instead of `partition` (fastseq.fed.flwr_partition), e.g.
+    # "DirichletPartitioner"; its other arguments in partitioner_options. None: fastseq's own.
+    partitioner: str | None = None
+    partitioner_options: dict = field(default_factory=dict)
+    # Partition by this column of the data (a column of the hf task's dataset, e.g. a user id);
+    # None: the task's key (its label or category).
+    partition_by: str | None = None
     local_steps: int = 10
     local_epochs: float | None = None
     lr: float | None = None             # None: the method's own default (methods.default_lr), resolved at once
@@ -169,8 +176,15 @@ class ExperimentConfig:
     fleet: dict | None = None
     hetero_aggregation: str | None = None  # holders | zero-pad | hetlora | flexlora; None: the method's
     fleet_misfit: str = "refuse"           # a tier nothing fits: refuse the run, or drop its clients
+    # Experiment trackers that get the config, every metrics row and the final adapter and curves
+    # (fastseq.tracking): any of tensorboard, mlflow, wandb, trackio; [] (or "none"): only files.
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # "tensorboard,mlflow" (a flag) or "none"
+            from ..tracking import parse_report_to
+
+            self.report_to = parse_report_to(self.report_to)
         # lr None is the method's own default, resolved here so that config.json records the lr
         # the run used (an invalid method or placement is validate()'s to report)
         if self.lr is None:
@@ -310,12 +324,17 @@ class ExperimentConfig:
             if not isinstance(self.deepspeed, dict):
                 raise ConfigError(f"deepspeed must be a table of DeepSpeedConfig keys, got {self.deepspeed!r}")
             DeepSpeedConfig.from_dict(self.deepspeed)  # raises a ConfigError naming the bad key
+        self._validate_partitioner()
+        from ..tracking import check_report_to
+
+        check_report_to(self.report_to)
         if self.data_path is not None:
             from ..data.base import looks_like_hub_id
 
             p = os.path.expanduser(str(self.data_path))
             if not os.path.exists(p) and not looks_like_hub_id(p):
-                raise ConfigError(f"data_path {self.data_path!r} does not exist (and is not a hub id 'owner/name')")
+                raise ConfigError(f"data_path {self.data_path!r} (--data-path / --dataset) does not exist (and is not a hub "
+                                  f"id 'owner/name')")
 
     def _validate_harness(self) -> None:
         if any(not isinstance(t, str) or not t.strip() for t in self.harness_tasks):
@@ -350,6 +369,18 @@ class ExperimentConfig:
         for bad, what in refuse:
             if bad:
                 raise ConfigError(f"a heterogeneous fleet cannot be combined with {what}")
+
+    def _validate_partitioner(self) -> None:
+        if self.partitioner is None:
+            if self.partitioner_options:
+                raise ConfigError(f"partitioner_options {self.partitioner_options} set but no partitioner; add "
+                                  f"--partitioner NAME (a flwr-datasets partitioner) or leave them out")
+            return
+        from .flwr_partition import check_partitioner
+
+        check_partitioner(self.partitioner, self.partitioner_options, key=self.partition_by or "key",
+                          clients=self.clients, alpha=self.alpha, seed=self.seed,
+                          classes_per_client=self.classes_per_client, min_client_size=self.min_client_size)
 
     def _validate_robustness(self, choice) -> None:
         choice("aggregator", AGGREGATORS)
@@ -743,6 +774,9 @@ def check_environment(cfg: ExperimentConfig):
         raise ConfigError(f"--workers {cfg.workers} runs clients in forked CPU processes and a {device.type} device "
                           f"cannot be forked; use --workers 1 (or auto) on a GPU, or --device cpu")
     check_model_source(cfg.model)
+    from ..tracking import check_installed
+
+    check_installed(cfg.report_to)
     if cfg.quantization != "none":
         from ..quant import check_device
 
@@ -776,6 +810,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) 
     task, device = check_environment(cfg)
     harness = _harness_scorer(cfg, task)
     data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
+    data = data.keyed_by(cfg.partition_by)  # a DataError naming the columns there are
     model, processor, method = load_backbone(cfg, task, data, device, cfg.quantization)
     val_idx: list[int] = []
     keys = list(data.partition_keys)
@@ -784,18 +819,19 @@ def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) 
         val_idx, _ = split_validation(cfg, len(keys), None)
         held = set(val_idx)
         pool = [i for i in pool if i not in held]
-    sub = partition([keys[i] for i in pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
-                    classes_per_client=cfg.classes_per_client, seed=cfg.seed, min_size=cfg.min_client_size)
+    sub = make_partition(cfg, [keys[i] for i in pool])
     parts = [[pool[i] for i in part] for part in sub]
     val_parts = None
     if cfg.validation_fraction > 0 and cfg.validation_split == "clients":
         held_parts = parts
         val_idx, parts = split_validation(cfg, len(keys), parts)
         val_parts = [sorted(set(held) - set(kept)) for held, kept in zip(held_parts, parts)]
-    echo(f"partition: {cfg.partition}" + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
-         + f", {cfg.clients} clients, per-client key histogram:")
-    # with 1,000 clients: 40 rows and the sizes of the rest, not 1,000 lines
-    echo(format_histogram(data.partition_keys, parts, data.label_names, max_rows=40))
+    echo(f"partition: {partition_label(cfg)}, {cfg.clients} clients, per-client key histogram"
+         + (f" (key: column {cfg.partition_by!r})" if cfg.partition_by else "") + ":")
+    # with 1,000 clients: 40 rows and the sizes of the rest, not 1,000 lines (and, with a column
+    # of many values such as user ids, the sizes and key counts, not a column per value)
+    echo(format_histogram(data.partition_keys, parts, data.label_names, max_rows=40,
+                          max_keys=24 if cfg.partition_by else None))
     info = method.info
     echo(f"method {cfg.method}: trainable {info['trainable_params']:,} of {info['total_params']:,} params, "
          f"shared {info['shared_params']:,}, local {info['local_params']:,}"
@@ -916,6 +952,28 @@ def plan_node_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, tier, e
     if plan.fits:
         backbone_for(cfg, rt, plan.quantization, echo)
     return plan
+
+
+def make_partition(cfg: ExperimentConfig, keys: list) -> list[list[int]]:
+    """Indices into ``keys`` per client: fastseq's own ``partition`` or, with ``partitioner``,
+    flwr-datasets' class of that name (:mod:`.flwr_partition`)."""
+    if cfg.partitioner is None:
+        return partition(keys, cfg.clients, cfg.partition, alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
+                         seed=cfg.seed, min_size=cfg.min_client_size)
+    from .flwr_partition import flwr_partition
+
+    return flwr_partition(keys, cfg.clients, cfg.partitioner, cfg.partitioner_options, key=cfg.partition_by or "key",
+                          alpha=cfg.alpha, seed=cfg.seed, classes_per_client=cfg.classes_per_client,
+                          min_client_size=cfg.min_client_size)
+
+
+def partition_label(cfg: ExperimentConfig) -> str:
+    if cfg.partitioner is not None:
+        shown = ({"alpha": cfg.alpha} if "Dirichlet" in cfg.partitioner and "alpha" not in cfg.partitioner_options
+                 else {})
+        opts = ", ".join(f"{k}={v!r}" for k, v in {**shown, **cfg.partitioner_options}.items())
+        return f"flwr-datasets {cfg.partitioner}" + (f" ({opts})" if opts else "")
+    return cfg.partition + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
 
 
 def _harness_scorer(cfg: ExperimentConfig, task):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..adapters import count_parameters, find_ffn_sites, get_scl_model, save_adapter
+from ..adapters import adapters_of, count_parameters, find_ffn_sites, get_scl_model, save_adapter, set_adapter
 from ..config import ConfigError, SCLConfig
 
 log = logging.getLogger("fastseq.fed")
@@ -48,9 +48,9 @@ def default_lrs_text() -> str:
     parts = []
     for name in list_methods():
         cls = _METHODS[name]
-        if name == "scl":
+        if issubclass(cls, SCLMethod):
             v = SCLMethod.VARIANT_LRS
-            parts.append(f"scl {v[('parallel', False)]:g} (C frozen; {v[('parallel', True)]:g} parallel / "
+            parts.append(f"{name} {v[('parallel', False)]:g} (C frozen; {v[('parallel', True)]:g} parallel / "
                          f"{v[('residual', True)]:g} residual with C trained)")
         else:
             parts.append(f"{name} {cls.default_lr:g}")
@@ -171,7 +171,7 @@ class Method(abc.ABC):
             dotted = "." + n
             if any(f".{h}." in dotted for h in self.head_modules):
                 groups["head"].append(n)
-            elif ".scl.compress." in dotted:
+            elif ".scl.compress." in dotted or (".scl_adapters." in dotted and ".compress." in dotted):
                 groups["compress"].append(n)
             else:
                 groups["adapter"].append(n)
@@ -262,6 +262,45 @@ class SCLMethod(Method):
 
     def save_adapter(self, directory):
         save_adapter(self.model, directory)
+
+
+@register_method("fedsa-scl")
+class FedSASCL(SCLMethod):
+    """FedSA-style personalisation for SCL: the global SCL adapter (+ head) is shared and
+    averaged as with ``scl``; a second SCL adapter, ``personal``, of the same shape sits beside
+    it on every FFN, trains on each client and never leaves it (FedSA-LoRA's local B). Both are
+    active, so their branches add; that runs on the reference path (checkpoint level 0: the fused
+    kernel takes one adapter). Evaluation is personalised, as FedSA-LoRA's."""
+
+    personalized = True
+    PERSONAL = "personal"
+
+    def _inject(self, model, head_modules):
+        from dataclasses import replace
+
+        model = super()._inject(model, head_modules)
+        # Its own seeded C (a frozen C is the same on every client, as the global one is).
+        personal = replace(self.scl_config(), init_seed=self.seed + 1, train_down_proj=False)
+        get_scl_model(model, personal, adapter_name=self.PERSONAL)
+        set_adapter(model, ["default", self.PERSONAL])
+        personal_names = set(self._personal_names(model))
+        self.info.update(personal_adapter_params=sum(p.numel() for n, p in model.named_parameters()
+                                                     if n in personal_names))
+        return model
+
+    def _personal_names(self, model) -> list[str]:
+        return adapters_of(model)[self.PERSONAL].parameter_names(model)
+
+    def trainable_names(self):
+        return super().trainable_names() + self._personal_names(self.model)
+
+    def shared_names(self):
+        personal = set(self._personal_names(self.model))
+        return [n for n in self.trainable_names() if n not in personal]
+
+    def save_adapter(self, directory):
+        # The global adapter, as for fedsa-lora (the personal adapters stay with the clients).
+        save_adapter(self.model, directory, adapter_name="default")
 
 
 def matched_lora_rank(params_per_layer: int, d_model: int, d_ffn: int, trained_factors: int = 2) -> int:

@@ -140,11 +140,24 @@ def mean_label_entropy(keys: Sequence[Hashable], parts: Sequence[Sequence[int]])
 
 
 def format_histogram(keys: Sequence[Hashable], parts: Sequence[Sequence[int]],
-                     names: Sequence[str] | None = None, max_rows: int | None = None) -> str:
+                     names: Sequence[str] | None = None, max_rows: int | None = None,
+                     max_keys: int | None = None) -> str:
     """A printable per-client key histogram (one row per client; with more than ``max_rows``
-    clients, the first and last ``max_rows // 2`` rows and a line with the sizes of the rest)."""
+    clients, the first and last ``max_rows // 2`` rows and a line with the sizes of the rest).
+    With more than ``max_keys`` distinct keys (e.g. user ids), each row gives the client's size,
+    its number of distinct keys and its most frequent key instead of a column per key."""
     classes, _ = _classes(keys)
     hist = label_histogram(keys, parts)
+    if max_keys is not None and len(classes) > max_keys:
+        lines = [f"{len(classes)} distinct keys; client  examples  keys  most frequent key"]
+        shown = range(len(hist)) if max_rows is None or len(hist) <= max_rows else \
+            [*range(max_rows // 2), *range(len(hist) - max_rows // 2, len(hist))]
+        for i in shown:
+            top = min(hist[i].items(), key=lambda kv: (-kv[1], str(kv[0])))[0] if hist[i] else "-"  # ties: first
+            lines.append(f"{i:>6} {sum(hist[i].values()):>9} {len(hist[i]):>5}  {str(top)[:30]}")
+        if len(shown) < len(hist):
+            lines.insert(1 + max_rows // 2, f"   ... {len(hist) - len(shown)} more clients")
+        return "\n".join(lines)
 
     def label(c: Any) -> str:
         if names is not None and isinstance(c, int) and 0 <= c < len(names):

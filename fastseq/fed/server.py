@@ -113,8 +113,9 @@ class Server:
             raise ValueError(f"clients_per_round must be in 1..{cfg.num_clients}, got {cfg.clients_per_round}")
         self._shapes = {n: tuple(initial_state[n].shape) for n in self.shared}
         # nested ranks: only when the fleet's clients do not all train the full rank
+        self._axes = method.rank_axes() if cfg.ranks else {}
         self.ranks = cfg.ranks if cfg.ranks and any(
-            trimmed_shapes(self._shapes, method.rank_axes(), r) != self._shapes for r in cfg.ranks.values()) else None
+            trimmed_shapes(self._shapes, self._axes, r) != self._shapes for r in cfg.ranks.values()) else None
         if len(self.client_ids) < cfg.clients_per_round:
             raise ValueError(f"clients_per_round={cfg.clients_per_round} exceeds the {len(self.client_ids)} clients "
                              f"that can take part")
@@ -137,7 +138,7 @@ class Server:
             self.down.known.round = round
         state = self.global_state
         if self.ranks is not None:  # a client of rank r_k receives the first r_k slots
-            state = trim(state, self.method.rank_axes(), self.ranks[cid])
+            state = trim(state, self._axes, self.ranks[cid])
         blob, held = self.down.send(cid, state, round=round, method=self.method.name)
         if hold:
             self._held[cid] = held
@@ -200,7 +201,7 @@ class Server:
             try:
                 mine = {"client_id": cid}
                 if self.ranks is not None:  # its update is at its own rank
-                    shapes = trimmed_shapes(self._shapes, self.method.rank_axes(), self.ranks[cid])
+                    shapes = trimmed_shapes(self._shapes, self._axes, self.ranks[cid])
                     mine["tensors"] = {n: (s, None) for n, s in shapes.items()}
                 exp = Expected(**{**expected.__dict__, **mine})
                 upd = decode(blob, expected=exp)
