@@ -1,4 +1,4 @@
-"""``fastseq run|compare|plan``.
+"""``fastseq run|compare|plan|eval``.
 
 Every command reports a user error (config, flags, paths, devices, data, models, tokenizers,
 budgets, resume targets, a run directory another process is writing) as one line on stderr
@@ -50,6 +50,17 @@ def _topk(text: str) -> int | float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a fraction in (0, 1] such as 0.1 or a "
                                          f"count such as 1000") from None
+
+def _task_list(text: str) -> list[str]:
+    """--harness-tasks: comma-separated lm-eval task names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _harness_limit(text: str) -> int | float:
+    from .data.harness import parse_limit
+
+    return parse_limit(text)
+
 
 def _fleet_file(path: str) -> dict:
     from .config import ConfigError
@@ -160,6 +171,13 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--personal-eval-clients", "personal_eval_clients", int, "fedsa-lora: score this many clients' own states "
                                                               "each round, a seeded panel (default: all up to 20, "
                                                               "else 20)"),
+    ("--harness-tasks", "harness_tasks", _task_list, "lm-evaluation-harness tasks (comma-separated) that score the "
+                                                     "global model in the server's evaluation (round 0, every "
+                                                     "--harness-every rounds, the last; default: none); see "
+                                                     "`fastseq eval`"),
+    ("--harness-every", "harness_every", int, "score --harness-tasks every N rounds"),
+    ("--harness-limit", "harness_limit", _harness_limit, "documents per --harness-tasks task: a count, or a "
+                                                         "fraction in (0, 1)"),
     ("--server-opt", "server_opt", str, "fedavg | fedavgm | fedadam"),
     ("--server-lr", "server_lr", float, "server learning rate (default 1.0, fedadam 0.01)"),
     ("--prox-mu", "prox_mu", float, "FedProx mu (0 = off)"),
@@ -190,6 +208,7 @@ NONE_MEANS: dict[str, str] = {
     "scl_train_compress": "off",
     "secagg": "off",
     "error_feedback": "off",
+    "harness_limit": "every document",
     "fleet": "off: every client runs the run's own configuration",
     "hetero_aggregation": "holders for scl with C frozen and ffa-lora, hetlora for the others",
     "partitioner": "fastseq's own, --partition",
@@ -433,9 +452,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    _print_harness(args.dirs)
     plot_runs(hists, plot)
     print(f"plot written to {plot}")
     return 0
+
+
+def _print_harness(dirs) -> None:
+    """The runs' `fastseq eval` results (lm-evaluation-harness), if any, as a second table."""
+    from .data.harness import HARNESS_HEADER, metric_rows
+
+    rows = [r for d in dirs for r in metric_rows(d)]
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows + [HARNESS_HEADER]) for i in range(len(HARNESS_HEADER))]
+    print()
+    for r in [HARNESS_HEADER] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _num(x) -> bool:
@@ -467,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
             if action.dest == "budget":
                 action.required = False
         plan.set_defaults(func=cmd_plan)
+    from .harness import add_eval_parser  # lm-eval itself is imported only when `fastseq eval` runs
+
+    parser.commands["eval"] = add_eval_parser(sub)
     return parser
 
 

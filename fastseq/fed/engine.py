@@ -87,7 +87,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus", "workers", "report_to")
+                     "client_gpus", "workers", "report_to", "harness_tasks", "harness_every", "harness_limit")
 
 
 class NothingTrained(RuntimeError):
@@ -479,6 +479,9 @@ def _line(rec: dict) -> str:
         v = rec.get(k)
         if isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4f}")
+    for k, v in rec.items():  # lm-eval's scores (harness_tasks), e.g. harness/pubmedqa/acc
+        if k.startswith("harness/") and isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.4g}" if abs(v) >= 1e6 else f"{k} {v:.4f}")
     if "epsilon" in rec:  # a DP run: the privacy spent so far (None: no noise, no guarantee)
         parts.append(f"epsilon {_fmt_eps(rec['epsilon'])}")
     parts.append(f"up {rec.get('uplink_bytes', 0):,} B, down {rec.get('downlink_bytes', 0):,} B")

@@ -35,7 +35,8 @@ DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 
 # How a config value's annotation reads in an error message.
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-               "dict": "a table", "list[int]": "a list of integers", "None": "null"}
+               "dict": "a table", "list[int]": "a list of integers", "list[str]": "a list of strings",
+               "None": "null"}
 
 
 def _has_type(value: Any, typ: str) -> bool:
@@ -157,6 +158,12 @@ class ExperimentConfig:
     # Personalised evaluation (fedsa-lora): how many clients' own states are scored each round; a
     # panel drawn once from the seed. None: all clients up to 20, else 20 (see fed.server).
     personal_eval_clients: int | None = None
+    # lm-evaluation-harness in the server's evaluation (fastseq.data.harness): these lm-eval tasks
+    # score the global model at round 0, every harness_every rounds and at the last round; empty:
+    # off. Results: <out>/harness/round_<r>.json and harness/<task>/<metric> in metrics.jsonl.
+    harness_tasks: list[str] = field(default_factory=list)
+    harness_every: int = 1
+    harness_limit: float | int | None = None  # documents per task: a count, or a fraction in (0, 1)
     out: str | None = None
     # tqdm progress bars: None shows them when stderr is a terminal (never in a log file)
     progress: bool | None = None
@@ -298,6 +305,7 @@ class ExperimentConfig:
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
         self._validate_robustness(choice)
+        self._validate_harness()
         self._validate_fleet(choice)
         if self.dtype is not None:
             choice("dtype", DTYPES)
@@ -327,6 +335,20 @@ class ExperimentConfig:
             if not os.path.exists(p) and not looks_like_hub_id(p):
                 raise ConfigError(f"data_path {self.data_path!r} (--data-path / --dataset) does not exist (and is not a hub "
                                   f"id 'owner/name')")
+
+    def _validate_harness(self) -> None:
+        if any(not isinstance(t, str) or not t.strip() for t in self.harness_tasks):
+            raise ConfigError(f"harness_tasks must be a list of lm-eval task names, got {self.harness_tasks!r}")
+        if isinstance(self.harness_every, bool) or self.harness_every < 1:
+            raise ConfigError(f"harness_every must be an integer >= 1, got {self.harness_every!r}")
+        if self.harness_limit is not None:
+            from ..data.harness import check_limit
+
+            check_limit(self.harness_limit)
+        if self.harness_tasks and get_method(self.method).personalized:
+            raise ConfigError(f"harness_tasks scores the global model in the server's evaluation; {self.method} "
+                              f"scores each client's own model instead: leave out harness_tasks and score the "
+                              f"run's global adapter with `fastseq eval`")
 
     def _validate_fleet(self, choice) -> None:
         from .fleet import MISFIT, parse_fleet
@@ -592,6 +614,8 @@ class Runtime:
     # (which, examples, state, round) -> metrics or None: the local engine's workers score the
     # server's evaluation in parallel (fastseq.fed.rounds.RoundRunner.score_in_workers)
     scorer: Callable | None = field(default=None, repr=False)
+    # cfg.harness_tasks resolved and built (fastseq.data.harness.HarnessScorer), None: off
+    harness: Any = field(default=None, repr=False)
     # a heterogeneous fleet (plan_fleet_run): each client's plan, tier and the backbone per quantization
     plans: dict | None = None
     tiers_of: dict | None = None
@@ -685,6 +709,11 @@ def is_test_round(cfg: ExperimentConfig, round: int) -> bool:
     return round % cfg.test_every == 0 or round > cfg.rounds - 3
 
 
+def is_harness_round(cfg: ExperimentConfig, round: int) -> bool:
+    """Round 0 (the base model), every ``harness_every`` rounds and the last round."""
+    return bool(cfg.harness_tasks) and (round % cfg.harness_every == 0 or round == cfg.rounds)
+
+
 def split_validation(cfg: ExperimentConfig, n_train: int, parts: list[list[int]] | None
                      ) -> tuple[list[int], list[list[int]] | None]:
     """``(validation indices, parts without them)``: a seeded ``validation_fraction`` of each
@@ -719,6 +748,15 @@ def make_task(cfg: ExperimentConfig):
     if cfg.max_length is not None and "max_length" not in opts and "max_length" in task_options(cfg.task):
         opts["max_length"] = cfg.max_length
     return get_task(cfg.task, **opts)
+
+
+def make_method(cfg: ExperimentConfig) -> Method:
+    """The run's method, not yet injected (``method.prepare(model, heads, cfg.seed)`` does that,
+    deterministically from the seed: `fastseq eval` rebuilds a round's model this way)."""
+    return get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
+                      scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,
+                      scl_layers=cfg.scl_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout)
 
 
 def check_environment(cfg: ExperimentConfig):
@@ -757,10 +795,7 @@ def load_backbone(cfg: ExperimentConfig, task, data, device: torch.device, quant
                                   # a quantized backbone is placed by bitsandbytes, on the run's device
                                   device=device if quantization != "none" else None)
     heads = task.head_modules_for(model)
-    method = get_method(cfg.method, r=cfg.r, scl_scale=cfg.scl_scale, train_down_proj=cfg.train_down_proj,
-                        scl_placement=cfg.scl_placement, scl_train_compress=cfg.scl_train_compress,
-                        scl_layers=cfg.scl_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout)
+    method = make_method(cfg)
     model = method.prepare(model, heads, cfg.seed)
     if quantization == "none":
         model.to(device)
@@ -773,6 +808,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) 
     plans made elsewhere (each Flower SuperNode plans itself), instead of planning from
     ``cfg.fleet`` here."""
     task, device = check_environment(cfg)
+    harness = _harness_scorer(cfg, task)
     data = task.load(data_path=cfg.data_path, seed=cfg.seed, max_examples=cfg.max_examples)
     data = data.keyed_by(cfg.partition_by)  # a DataError naming the columns there are
     model, processor, method = load_backbone(cfg, task, data, device, cfg.quantization)
@@ -808,7 +844,7 @@ def build_runtime(cfg: ExperimentConfig, echo=print, plans: dict | None = None) 
         echo(f"validation: {len(val_examples)} training examples held out ({cfg.validation_split}); "
              f"test: {len(eval_examples)} examples")
     rt = Runtime(cfg, model, processor, task, data, method, device, parts, method.local_state(),
-                 method.global_state(), eval_examples, val_examples, val_parts)
+                 method.global_state(), eval_examples, val_examples, val_parts, harness=harness)
     if cfg.fleet is not None:
         plan_fleet_run(cfg, rt, echo, plans)
     return rt
@@ -940,13 +976,42 @@ def partition_label(cfg: ExperimentConfig) -> str:
     return cfg.partition + (f" (alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
 
 
+def _harness_scorer(cfg: ExperimentConfig, task):
+    """cfg.harness_tasks checked and built (lm-eval installed, the names known, their documents
+    loaded) before any data or model is loaded; None when off."""
+    if not cfg.harness_tasks:
+        return None
+    from ..data.harness import HarnessScorer
+
+    if task.model_kind != "causal-lm":
+        raise ConfigError(f"harness_tasks: lm-eval scores causal language models; task {cfg.task!r} trains a "
+                          f"{task.model_kind} model")
+    return HarnessScorer(cfg.harness_tasks, limit=cfg.harness_limit, batch_size=cfg.eval_batch_size)
+
+
+def harness_evaluate(rt: Runtime, round: int) -> dict[str, Any]:
+    """The model as it is now scored by lm-eval on cfg.harness_tasks: written to
+    ``<out>/harness/round_<round>.json`` (what ``fastseq eval`` writes) and returned as
+    ``harness/<task>/<metric>`` metrics with ``harness_seconds``."""
+    from ..data.harness import flat_metrics, timed_score, write_results
+
+    res, seconds = timed_score(rt.harness, rt.model, rt.processor)
+    if rt.cfg.out is not None:
+        write_results(rt.cfg.out, round, res, {"method": rt.cfg.method, "model": rt.cfg.model,
+                                               "source": "server evaluation"}, rt.harness, seconds)
+    return {**flat_metrics(res), "harness_seconds": seconds}
+
+
 def make_evaluator(rt: Runtime):
     """The server's evaluator: the global state (with the initial local state) on the
     validation examples every round and on the test split in test rounds."""
     def evaluate(state: dict[str, torch.Tensor], round: int | None = None) -> dict[str, Any]:
         rt.method.load(state)
         rt.method.load(rt.initial_local)
-        return rt.evaluate(round, state={**state, **rt.initial_local})
+        out = rt.evaluate(round, state={**state, **rt.initial_local})
+        if rt.harness is not None and round is not None and is_harness_round(rt.cfg, round):
+            out.update(harness_evaluate(rt, round))  # lm-eval on the model as loaded above
+        return out
     return evaluate
 
 

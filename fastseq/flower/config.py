@@ -33,7 +33,7 @@ FLOWER_KEYS: dict[str, Any] = {
 
 # ExperimentConfig fields that are tables or lists: sent as JSON strings; the value for "".
 JSON_FIELDS: dict[str, Any] = {"task_options": {}, "deepspeed": None, "scl_layers": None, "fleet": None,
-                               "partitioner_options": {}, "report_to": []}
+                               "partitioner_options": {}, "report_to": [], "harness_tasks": []}
 
 APP_NAME = "fastseq-flower"
 SERVERAPP = "fastseq.flower.app:server_app"
