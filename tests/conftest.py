@@ -44,7 +44,20 @@ def _uses_device_fixture(item) -> bool:
     return "device" in getattr(item, "fixturenames", ()) and "device" not in params
 
 
+# Tests that start Flower deployments, Ray or DeepSpeed's process group (or look for leftover
+# processes of those machine-wide): under pytest-xdist they all run on one worker, one at a time.
+SERIAL_FILES = ("test_flower.py", "test_flower_faults.py", "test_flower_secagg.py", "test_flower_sim.py",
+                "test_deepspeed.py")
+
+
+def _serial(item) -> bool:
+    return item.path.name in SERIAL_FILES or "flower" in item.name
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _serial(item):
+            item.add_marker(pytest.mark.xdist_group("serial"))
     if config.getoption("device") != "cuda":
         return
     if devices.UNAVAILABLE:

@@ -51,8 +51,11 @@ sys.exit(main(sys.argv[1:]))
 def _start(argv: list[str], cwd: Path, delay: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                ROUND_DELAY=str(delay), OMP_NUM_THREADS="1")
+    # SIGINT as a terminal delivers it: a pytest-xdist worker ignores SIGINT, and a child would
+    # inherit that (Python then installs no KeyboardInterrupt handler)
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(what: str, done, proc: subprocess.Popen, timeout: float = 180) -> None:
