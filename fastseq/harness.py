@@ -36,23 +36,14 @@ KEEP_CHECKPOINTS = 2  # fastseq.fed.engine.save_checkpoint's default: a run keep
 def run_config(run: str | os.PathLike):
     """The run's ExperimentConfig from its ``config.json``; a HarnessError when ``run`` is not a
     run directory."""
+    from .config import ConfigError  # noqa: PLC0415
+    from .fed.engine import read_run_config  # noqa: PLC0415
     from .fed.experiment import ExperimentConfig  # noqa: PLC0415
 
-    d = Path(run)
-    what = "pass a run directory written by `fastseq run`"
-    if not d.exists():
-        raise HarnessError(f"{d} does not exist; {what}")
-    if not d.is_dir():
-        raise HarnessError(f"{d} is a file; {what}")
-    path = d / "config.json"
-    if not path.is_file():
-        raise HarnessError(f"{d} is not a fastseq run (it has no config.json); {what}")
     try:
-        saved = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HarnessError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
-    if not isinstance(saved, dict):
-        raise HarnessError(f"{path} does not hold a config table; the run directory is damaged")
+        saved = read_run_config(run, doing="evaluate")
+    except ConfigError as e:
+        raise HarnessError(str(e)) from None
     saved = {k: v for k, v in saved.items() if k in ExperimentConfig.keys()}
     saved.pop("progress", None)
     saved.pop("data_path", None)  # the training data is not needed (and may be gone or elsewhere)

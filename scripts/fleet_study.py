@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     doc = dict(setting={k: p[k] for k in ("model", "task", "clients", "clients_per_round", "rounds", "scl_ladder",
                                           "lora_ladder", "alphas", "seeds")},
                metric=metric, gap=gap, rows=rows, paired=paired, memory=memory,
-               missing=[r.spec.tag for r in runs if not r.history], provenance=provenance(a.device))
+               missing=[r.spec.tag for r in gap_runs + runs if not r.history], provenance=provenance(a.device))
     stem = str(Path(a.out_dir) / name)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     write_results(stem, rows, **{k: v for k, v in doc.items() if k != "rows"})

@@ -161,8 +161,8 @@ def _one_line(rc, err, phrase, command="fastseq eval"):
 
 def test_bad_input_is_one_line_and_writes_nothing(scl_run, tmp_path, capsys, monkeypatch):
     cases = [
-        ([str(tmp_path / "nope")], "does not exist; pass a run directory"),
-        ([str(tmp_path)], "is not a fastseq run (it has no config.json)"),
+        ([str(tmp_path / "nope")], "cannot evaluate: " + str(tmp_path / "nope") + " does not exist; pass the directory"),
+        ([str(tmp_path)], "has no config.json (is it a fastseq run directory?)"),
         ([str(scl_run), "--round", "7"], "last 2 rounds; saved: 0 (the initial adapter: the base model), 1, 2"),
         ([str(scl_run), "--tasks", "fastseq_medqa_mni"], "unknown lm-eval task 'fastseq_medqa_mni' (did you mean "
                                                          "fastseq_medqa_mini"),

@@ -136,22 +136,23 @@ def check_output_path(out: Path) -> None:
             return
 
 
-def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
+def read_run_config(out: str | os.PathLike, doing: str = "resume") -> dict[str, Any]:
     """The ``config.json`` of the run in ``out`` (ExperimentConfig keys and what the engine
-    added); a ConfigError that says what is wrong when ``out`` is not a readable run directory."""
+    added); a ConfigError that says what is wrong when ``out`` is not a readable run directory
+    (``cannot <doing>: ...``)."""
     out = Path(out)
     if not out.is_dir():
-        raise ConfigError(f"cannot resume: {out} does not exist; pass the directory of an earlier `fastseq run`"
-                          if not out.exists() else f"cannot resume: {out} is a file; pass a run directory")
+        raise ConfigError(f"cannot {doing}: {out} does not exist; pass the directory of an earlier `fastseq run`"
+                          if not out.exists() else f"cannot {doing}: {out} is a file; pass a run directory")
     path = out / "config.json"
     if not path.is_file():
-        raise ConfigError(f"cannot resume: {out} has no config.json (is it a fastseq run directory?)")
+        raise ConfigError(f"cannot {doing}: {out} has no config.json (is it a fastseq run directory?)")
     try:
         saved = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot resume: {path} is not valid JSON ({e}); the run directory is damaged") from None
+        raise ConfigError(f"cannot {doing}: {path} is not valid JSON ({e}); the run directory is damaged") from None
     if not isinstance(saved, dict):
-        raise ConfigError(f"cannot resume: {path} does not hold a config table; the run directory is damaged")
+        raise ConfigError(f"cannot {doing}: {path} does not hold a config table; the run directory is damaged")
     return saved
 
 
