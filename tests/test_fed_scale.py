@@ -219,7 +219,8 @@ def test_known_store_versions_commit_and_discard(tmp_path):
 
 
 def test_personal_eval_panel_is_seeded_logged_and_counted(tmp_path):
-    cfg = _many(tmp_path, "panel", 30, rounds=2, method="fedsa-lora", personal_eval_clients=4)
+    # one process: with 2 workers the clients' training times add up to more than a round's wall time
+    cfg = _many(tmp_path, "panel", 30, rounds=2, method="fedsa-lora", personal_eval_clients=4, workers=1)
     run_experiment(cfg, **QUIET)
     hist = history(cfg.out)
     panels = [h["eval_clients"] for h in hist[1:]]
