@@ -25,6 +25,7 @@ run asks for it.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import difflib
 import importlib.util
@@ -124,18 +125,21 @@ def _quiet_stdout():
         yield
 
 
-class _Tracker:
+class _Tracker(abc.ABC):
     name = ""
     state: dict[str, Any]
 
+    @abc.abstractmethod
     def log(self, metrics: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """One metrics row at ``step`` (the round)."""
 
+    @abc.abstractmethod
     def finish(self, out: Path, summary: dict[str, Any] | None, failed: bool) -> None:
-        raise NotImplementedError
+        """The end of the run: the summary and artifacts, and the tracker's run closed."""
 
+    @abc.abstractmethod
     def where(self) -> str:
-        raise NotImplementedError
+        """Where the tracker writes (said once at the start)."""
 
 
 class TensorBoardTracker(_Tracker):

@@ -15,6 +15,8 @@ user): :meth:`fastseq.data.TaskData.keyed_by`.
 
 from __future__ import annotations
 
+import abc
+
 import difflib
 import os
 from typing import Any
@@ -143,11 +145,13 @@ class _HFMixin:
     def _init_source(self, split: str, test_split: str | None) -> None:
         self.split, self.test_split = split, test_split
 
+    @abc.abstractmethod
     def _used_columns(self) -> dict[str, str]:
-        raise NotImplementedError
+        """role -> column name of the columns this task reads."""
 
+    @abc.abstractmethod
     def _text_columns(self) -> set[str]:
-        raise NotImplementedError
+        """The columns that hold the example's text (not carried along as metadata)."""
 
     def load(self, data_path: str | None = None, seed: int = 0, max_examples: int | None = None) -> TaskData:
         if data_path is None:
