@@ -48,7 +48,7 @@ def arm(config: dict, result: str) -> None:
     except Exception:
         pass
     from fastseq.fed.engine import run_experiment
-    from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime
+    from fastseq.fed.experiment import ExperimentConfig, build_runtime, tier_clients
     from fastseq.fed.fleet import measure_plan
     from fastseq.memory import frozen_and_trainable_bytes
 
@@ -60,9 +60,7 @@ def arm(config: dict, result: str) -> None:
         rt = build_runtime(ExperimentConfig.from_dict({**config, "out": None}), echo=lambda s: None)
         out["backbones"] = {q: frozen_and_trainable_bytes(b.model)[0] for q, b in rt.backbones.items()}
         tiers = {}
-        for tier in dict.fromkeys(rt.tiers_of.values()):
-            cid = next(c for c, t in rt.tiers_of.items() if t == tier)
-            client = build_client(cfg, rt, cid)
+        for tier, client in tier_clients(cfg, rt).items():
             m = measure_plan(client)
             tiers[tier] = dict(**client.plan.as_row(), measured_training_state=m.trainable + m.activations,
                                measured_step=m.frozen + m.trainable + m.activations)

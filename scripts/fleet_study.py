@@ -117,16 +117,14 @@ def arms() -> list[str]:
 def measure_tiers(p: dict, device: str) -> list[dict]:
     """Each tier's training step as its clients plan it, measured (frozen + trainable + saved
     activations: the planner's measurement path), for the SCL fleet."""
-    from fastseq.fed.experiment import ExperimentConfig, build_client, build_runtime
+    from fastseq.fed.experiment import ExperimentConfig, build_runtime, tier_clients
     from fastseq.fed.fleet import measure_plan
 
     cfg = ExperimentConfig.from_dict(dict(spec(p, "scl-holders", p["alphas"][0], p["seeds"][0], Path("/nonexistent"),
                                                device).cfg, out=None))
     rt = build_runtime(cfg, echo=lambda s: None)
     rows = []
-    for tier in dict.fromkeys(rt.tiers_of.values()):
-        cid = next(c for c, t in rt.tiers_of.items() if t == tier)
-        client = build_client(cfg, rt, cid)
+    for client in tier_clients(cfg, rt).values():
         m = measure_plan(client)
         rows.append(dict(**client.plan.as_row(), measured_bytes=m.frozen + m.trainable + m.activations,
                          measured_activations=m.activations, measured_trainable=m.trainable, measured_frozen=m.frozen))

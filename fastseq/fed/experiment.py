@@ -900,7 +900,7 @@ def plan_fleet_run(cfg: ExperimentConfig, rt: Runtime, echo=print, plans: dict |
     from .fleet import FleetMisfit, assign_tiers, fleet_table, load_fleet, plan_fleet
     from .hetero import check_rule, default_rule
 
-    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
+    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank)
     if cfg.hetero_aggregation is not None:
         check_rule(rt.method, cfg.hetero_aggregation)
     if plans is None:
@@ -946,7 +946,7 @@ def plan_node_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, tier, e
     plan replaces the fleet tier's in ``rt.plans``; returns it."""
     from .fleet import load_fleet, plan_tier
 
-    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank if cfg.method != "scl" else cfg.r)
+    fleet = load_fleet(cfg.fleet, rt.method.adapter_rank)
     plan = plan_tier(tier, fleet.ladder(rt.method.adapter_rank), plan_inputs(cfg, rt))
     rt.plans = {**(rt.plans or {}), client_id: plan}
     if plan.fits:
@@ -1040,6 +1040,14 @@ def build_client(cfg: ExperimentConfig, rt: Runtime, client_id: str, state_dir: 
     train = dataclasses.replace(cfg.train_config(), batch_size=plan.micro_batch, grad_accum=plan.grad_accum,
                                 codec=plan.codec)
     return Client(str(client_id), rt.backbones.get(plan.quantization, rt), examples, train, state_dir, plan=plan)
+
+
+def tier_clients(cfg: ExperimentConfig, rt: Runtime) -> dict[str, Client]:
+    """A fleet run's first client of each tier, by tier name (in the fleet's order)."""
+    first: dict[str, str] = {}
+    for cid, tier in rt.tiers_of.items():
+        first.setdefault(tier, cid)
+    return {tier: build_client(cfg, rt, cid) for tier, cid in first.items()}
 
 
 def default_out(cfg: ExperimentConfig) -> str:
