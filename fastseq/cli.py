@@ -151,6 +151,10 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--workers", "workers", _workers, "local engine: worker processes that train a round's clients in parallel on "
                                        "one shared backbone (default auto: on a CPU one per core when the round's "
                                        "clients fill them evenly, else 1; on a GPU 1); see docs/federated.md"),
+    ("--worker-start", "worker_start", str, "local engine: how workers start: fork (CPU: after the backbone "
+                                            "loaded, copy-on-write), spawn (torch.multiprocessing: the backbone's "
+                                            "tensors shared as handles, CUDA IPC on a GPU), auto (default: fork on "
+                                            "a CPU, spawn on a GPU)"),
     ("--engine", "engine", str, "local (one process, one shared backbone) | flower (SuperLink + SuperNodes) | "
                                 "flower-sim (Flower's Simulation Engine, Ray actors)"),
     ("--client-cpus", "client_cpus", float, "flower-sim: CPUs per virtual client (Ray actor)"),

@@ -19,7 +19,7 @@ from fastseq.config import ConfigError
 from fastseq.fed.client import Client
 from fastseq.fed.engine import Hooks, run_experiment
 from fastseq.fed.experiment import ExperimentConfig, build_client, check_environment
-from fastseq.fed.workers import resolve_workers
+from fastseq.fed.workers import WorkerPool, own_writable_copies, resolve_workers, start_method
 
 from fed_helpers import assert_bit_identical, history, run_rows as _rows, tiny_config
 
@@ -33,8 +33,16 @@ ENGINE_PID = os.getpid()  # a forked worker sees the same value and another os.g
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    """This process's live children, less Python's multiprocessing resource tracker: the first
+    spawned worker starts it, it serves this interpreter until it exits (and then exits too)."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "multiprocessing.resource_tracker" not in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return out
 
 
 @pytest.fixture
@@ -72,6 +80,64 @@ def test_workers_are_bit_identical_to_the_sequential_engine(tmp_path, case, no_n
                for r in rows[1:])
     assert {w for r in rows[1:] for w in r["client_worker"].values()} == {0, 1}  # both workers trained clients
     assert "workers" not in history(seq["out"])[1]
+
+
+@pytest.mark.parametrize("case", ["fedex-lora", "fedsa-lora"])
+def test_spawned_workers_are_bit_identical_too(tmp_path, case, no_new_processes):
+    """--worker-start spawn (a GPU's way: torch.multiprocessing shares the runtime's tensors as
+    handles; on a CPU, shared memory): FedEx-LoRA writes the base weights it folds residuals into,
+    FedSA-LoRA keeps local state and scores each client's own model in the workers."""
+    kw = {**dict(rounds=2, clients=4, clients_per_round=3, max_examples=96, eval_batch_size=4), **CASES[case]}
+    seq = run_experiment(tiny_config(tmp_path, "seq", workers=1, **kw), **QUIET)
+    logs = []
+    par = run_experiment(tiny_config(tmp_path, "par", workers=2, worker_start="spawn", **kw), echo=logs.append)
+    assert any("2 spawned processes share the backbone" in line for line in logs)
+    assert_bit_identical(Path(seq["out"]), Path(par["out"]))
+    assert {w for r in history(par["out"])[1:] for w in r["client_worker"].values()} == {0, 1}
+
+
+class _SharedModelJob:
+    """A spawned worker's job on a model it got through torch.multiprocessing: it trains (writes
+    its trainable weight) and reports both weights as it sees them."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def in_spawned_worker(self):
+        self.copied = own_writable_copies(self.model)
+
+    def __call__(self, header, blob):
+        with torch.no_grad():
+            self.model.trainable.add_(1.0)
+        return b"", {"frozen": self.model.frozen.tolist(), "trainable": self.model.trainable.tolist(),
+                     "copied": self.copied}
+
+
+def test_spawned_workers_share_the_frozen_weights_and_copy_what_trains(no_new_processes):
+    model = torch.nn.Module()
+    model.frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    model.trainable = torch.nn.Parameter(torch.zeros(2))
+    with WorkerPool(1, 1, _SharedModelJob(model), start="spawn") as pool:
+        (first,), _ = pool.run("fit", [("0", b"", {})], round=1)
+        with torch.no_grad():
+            model.frozen.fill_(7.0)  # the engine's frozen weights, written after the worker started
+        (second,), _ = pool.run("fit", [("0", b"", {})], round=2)
+    assert first[1] == {"frozen": [0.0] * 4, "trainable": [1.0, 1.0], "copied": 8}
+    # the worker sees the engine's frozen storage itself (shared, never copied) ...
+    assert second[1]["frozen"] == [7.0] * 4 and second[1]["trainable"] == [2.0, 2.0]
+    # ... and trains a copy of its own: the engine's trainable weight is untouched
+    assert model.trainable.tolist() == [0.0, 0.0]
+
+
+def test_fedex_lora_declares_the_base_weights_its_clients_write(tmp_path):
+    from fastseq.fed.experiment import build_runtime
+
+    rt = build_runtime(tiny_config(tmp_path, "fx", method="fedex-lora"), **QUIET)
+    written = {id(t) for t in rt.method.written_in_fit()}
+    trainable = [p for p in rt.model.parameters() if p.requires_grad]
+    bases = [rt.model.get_submodule(m).base_layer.weight for m in rt.method.base0]
+    assert bases and all(id(t) in written for t in trainable + bases)
+    assert len(written) == len(trainable) + len(bases)  # and nothing else of the frozen backbone
 
 
 class DiesInRoundOne(Client):
@@ -159,13 +225,14 @@ def test_the_servers_evaluation_split_across_workers_is_the_same(tmp_path, monke
     """score_in_workers: the batches go to the workers, the records come back and are reduced in
     order; the metrics equal one process's evaluate() exactly."""
     from fastseq.fed.experiment import build_runtime, build_server
-    from fastseq.fed.rounds import ClientPool, RoundRunner
+    from fastseq.fed.rounds import ClientBuilder, ClientPool, RoundRunner
 
     cfg = tiny_config(tmp_path, "split", eval_batch_size=4, validation_fraction=0.2, workers=2)
     rt = build_runtime(cfg, **QUIET)
     server = build_server(cfg, rt)
     runner = RoundRunner(cfg, server, ClientPool(lambda c: None, -1, 1), personalized=False, progress=False,
-                         echo=lambda s: None, workers=2, threads=1, build=lambda c: None)
+                         echo=lambda s: None, workers=2, threads=1,
+                         build=ClientBuilder(build_client, cfg, rt, tmp_path / "clients"))
     runner.server_runtime = rt
     calls = []
 
@@ -202,7 +269,14 @@ def test_auto_workers_and_bad_values(monkeypatch):
         ExperimentConfig(workers=2, deepspeed={"zero_stage": 1}).validate()
 
 
-def test_workers_on_a_gpu_are_refused_with_the_reason(monkeypatch):
+def test_workers_on_a_gpu_spawn_and_fork_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr("fastseq.fed.experiment.resolve_device", lambda name: torch.device("cuda"))
-    with pytest.raises(ConfigError, match="cannot be forked; use --workers 1"):
+    check_environment(ExperimentConfig(model="tiny-llama", task="synthetic", workers=2))  # auto: spawn
+    assert start_method("auto", "cuda") == "spawn" and start_method("auto", "cpu") == "fork"
+    with pytest.raises(ConfigError, match="a CUDA context cannot be forked; use --worker-start spawn"):
+        check_environment(ExperimentConfig(model="tiny-llama", task="synthetic", workers=2, worker_start="fork"))
+    monkeypatch.setattr("fastseq.fed.experiment.resolve_device", lambda name: torch.device("mps"))
+    with pytest.raises(ConfigError, match="CPU or a CUDA GPU only, not on mps; use --workers 1"):
         check_environment(ExperimentConfig(model="tiny-llama", task="synthetic", workers=2))
+    with pytest.raises(ConfigError, match="worker_start must be auto, fork or spawn"):
+        ExperimentConfig(worker_start="thread").validate()

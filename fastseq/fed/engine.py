@@ -30,9 +30,9 @@ from ..models import resolve_model_source
 from ..tracking import Trackers
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
-from .rounds import ClientPool, RoundRunner
+from .rounds import ClientBuilder, ClientPool, RoundRunner
 from .run_lock import LOCK_NAME, RunLock, run_lock
-from .workers import resolve_workers
+from .workers import resolve_workers, start_method
 from .state_store import KnownStore, discard_tree_after, fsync_files, tree_bytes
 
 
@@ -87,7 +87,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus", "workers", "report_to", "harness_tasks", "harness_every", "harness_limit")
+                     "client_gpus", "workers", "worker_start", "report_to", "harness_tasks", "harness_every", "harness_limit")
 
 
 class NothingTrained(RuntimeError):
@@ -411,22 +411,18 @@ def _train_and_finish(cfg: ExperimentConfig, rt, out: Path, ckpt: Path | None, h
     discard_tree_after(out / "clients", floor)  # the local clients' state (remote ones: ClientPool)
     n_eval = len(server.eval_clients(0)) if personalized else 0
 
-    def build(cid: str):
-        c = make_client(cfg, rt, cid, out / "clients" / f"client_{cid}")
-        if hasattr(c, "fsync_each"):
-            c.fsync_each = False  # flushed with the round's other state files (fsync_files)
-        return c
-
+    build = ClientBuilder(make_client, cfg, rt, out / "clients")
     clients = ClientPool(build, floor, cfg.clients_per_round + n_eval)
     # Remote clients (Flower's) train on their own machines; SecAgg+ is theirs too.
     # A DeepSpeed client owns its devices: one at a time.
     in_process = (not cfg.secagg and cfg.deepspeed is None
                   and getattr(type(clients["0"]), "fit_many", None) is None)
     workers, threads = resolve_workers(cfg.workers, cfg.clients_per_round, rt.device.type) if in_process else (1, 1)
+    start = start_method(cfg.worker_start, rt.device.type)
     if workers > 1:
-        echo(f"workers: {workers} processes share the backbone, {threads} torch thread(s) each")
+        echo(f"workers: {workers} {start}ed processes share the backbone, {threads} torch thread(s) each")
     runner = RoundRunner(cfg, server, clients, personalized=personalized, progress=progress, echo=echo,
-                         workers=workers, threads=threads, build=build)
+                         workers=workers, threads=threads, build=build, start=start)
     if workers > 1:
         runner.server_runtime, rt.scorer = rt, runner.score_in_workers
     try:

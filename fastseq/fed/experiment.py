@@ -170,6 +170,9 @@ class ExperimentConfig:
     # local engine: worker processes that train a round's clients in parallel on one shared
     # backbone (fastseq.fed.workers); None: auto (fastseq.fed.workers.resolve_workers)
     workers: int | None = None
+    # how workers start: fork (after the backbone loaded; CPU), spawn (torch.multiprocessing: the
+    # backbone's tensors are shared as handles, CUDA IPC on a GPU), auto: fork on a CPU, else spawn
+    worker_start: str = "auto"
     # Heterogeneous fleet (fastseq.fed.fleet): tiers of clients with their own memory / uplink
     # budgets; each client plans its rank, quantization, checkpoint level, micro-batch and codec.
     # None: every client runs this config as it is.
@@ -285,8 +288,10 @@ class ExperimentConfig:
                                          or self.workers < 1):
             raise ConfigError(f"workers must be null (auto) or an integer >= 1, got {self.workers!r}")
         if self.workers is not None and self.workers > 1 and self.deepspeed is not None:
-            raise ConfigError("workers > 1 forks CPU processes; a DeepSpeed client owns its devices: use --workers 1 "
-                              "with --deepspeed")
+            raise ConfigError("workers > 1 starts worker processes; a DeepSpeed client owns its devices: use "
+                              "--workers 1 with --deepspeed")
+        if self.worker_start not in ("auto", "fork", "spawn"):
+            raise ConfigError(f"worker_start must be auto, fork or spawn, got {self.worker_start!r}")
         for key in ("max_length", "max_examples", "eval_examples", "lora_r", "block_size"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -622,6 +627,11 @@ class Runtime:
     hetero_rule: str | None = None
     backbones: dict = field(default_factory=dict, repr=False)
 
+    def __getstate__(self) -> dict:
+        # A spawned worker gets the runtime pickled (fastseq.fed.workers): the engine's scorer
+        # (which holds the worker pool) and the harness (the server's alone) stay here.
+        return {**self.__dict__, "scorer": None, "harness": None}
+
     def evaluate(self, round: int | None = None, client: str | None = None,
                  state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Score the model as it is now: ``val_<metric>`` on the validation examples, and the
@@ -770,9 +780,13 @@ def check_environment(cfg: ExperimentConfig):
 
         check_accountant()
     device = resolve_device(cfg.device)
-    if cfg.workers is not None and cfg.workers > 1 and device.type != "cpu" and cfg.engine == "local":
-        raise ConfigError(f"--workers {cfg.workers} runs clients in forked CPU processes and a {device.type} device "
-                          f"cannot be forked; use --workers 1 (or auto) on a GPU, or --device cpu")
+    if cfg.workers is not None and cfg.workers > 1 and cfg.engine == "local" and device.type != "cpu":
+        if device.type != "cuda":
+            raise ConfigError(f"--workers {cfg.workers} shares the backbone with worker processes on a CPU or a CUDA "
+                              f"GPU only, not on {device.type}; use --workers 1")
+        if cfg.worker_start == "fork":
+            raise ConfigError(f"--worker-start fork on {device.type}: a CUDA context cannot be forked; use "
+                              f"--worker-start spawn (or auto), or --device cpu")
     check_model_source(cfg.model)
     from ..tracking import check_installed
 

@@ -204,6 +204,11 @@ class Method(abc.ABC):
                 else:
                     self._load_extra(n, t)
 
+    def written_in_fit(self) -> list[torch.Tensor]:
+        """The tensors a client's fit writes in place (a spawned worker gives them storage of its
+        own: :func:`fastseq.fed.workers.own_writable_copies`): the parameters that train."""
+        return [self._params[n] for n in self.trainable_names()]
+
     def _load_extra(self, name: str, tensor: torch.Tensor) -> None:
         raise KeyError(f"method {self.name!r} has no tensor named {name!r}")
 
@@ -441,6 +446,10 @@ class FedExLoRA(LoRAMethod):
 
     def initial_extras(self):
         return {self.PREFIX + m: torch.zeros_like(w, dtype=torch.float32) for m, w in self.base0.items()}
+
+    def written_in_fit(self):
+        # the folded residual is written into the base weights
+        return super().written_in_fit() + [self.model.get_submodule(m).base_layer.weight for m in self.base0]
 
     def _load_extra(self, name, tensor):
         if not name.startswith(self.PREFIX) or name[len(self.PREFIX):] not in self.base0:

@@ -66,44 +66,47 @@ class ClientPool:
                 commit(round)
 
 
-class RoundRunner:
-    """Runs round 0 (the initial evaluation) and rounds 1..R of one run; keeps the running total
-    of the clients' state on disk (``state_bytes``) that every record carries.
+class ClientBuilder:
+    """Makes the run's client ``cid`` in this process with ``make(cfg, rt, cid, state_dir)``.
+    Picklable with its runtime, so that a spawned worker builds its clients with it."""
 
-    With ``workers`` > 1 (in-process clients only) the round's fits and personalised evaluations
-    run in a :class:`.workers.WorkerPool` forked from this process; ``build(cid)`` makes a client
-    object there. :meth:`close` ends the pool."""
+    def __init__(self, make: Callable, cfg, rt, clients_dir):
+        self.make, self.cfg, self.rt, self.clients_dir = make, cfg, rt, clients_dir
 
-    def __init__(self, cfg, server, clients: ClientPool, *, personalized: bool, progress: bool,
-                 echo: Callable[[str], None], state_bytes: int = 0, workers: int = 1, threads: int = 1,
-                 build: Callable[[str], Any] | None = None):
-        self.cfg, self.server, self.clients = cfg, server, clients
-        self.personalized, self.progress, self.echo = personalized, progress, echo
-        self.state_bytes = state_bytes
-        self.workers, self.threads, self.build = workers, threads, build
-        self._pool = None
-        self.server_runtime = None  # set by the engine: the server's evaluation is split in the workers
+    def __call__(self, cid: str):
+        c = self.make(self.cfg, self.rt, cid, self.clients_dir / f"client_{cid}")
+        if hasattr(c, "fsync_each"):
+            c.fsync_each = False  # flushed with the round's other state files (fsync_files)
+        return c
 
-    def pool(self):
-        """The worker pool (forked on first use, after the backbone is loaded), or None."""
-        if self.workers <= 1 or self.build is None:
-            return None
-        if self._pool is None:
-            from .workers import WorkerPool
 
-            self._pool = WorkerPool(self.workers, self.threads, self._in_worker)
-        return self._pool
+class WorkerCall:
+    """What a worker runs for a job (see :class:`.workers.WorkerPool`). ``fit`` / ``evaluate``:
+    one client (the parent built it first and discarded any newer state of a crashed run; the
+    worker's copy only reads and writes its files). ``score``: the records of a shard of the
+    server's evaluation, with the state in ``blob`` loaded (see
+    :meth:`RoundRunner.score_in_workers`)."""
 
-    def _in_worker(self, header: dict, blob: bytes) -> tuple[bytes, Any]:
-        """What a worker runs. ``fit`` / ``evaluate``: one client (the parent built it first and
-        discarded any newer state of a crashed run; the worker's copy only reads and writes its
-        files). ``score``: the records of a shard of the server's evaluation, with the state in
-        ``blob`` loaded (see :meth:`score_in_workers`)."""
+    def __init__(self, cfg, build: ClientBuilder):
+        self.cfg, self.build = cfg, build
+
+    def in_spawned_worker(self) -> None:
+        """A spawned worker got the runtime's tensors shared with the engine: copy what a client
+        writes (its trainable parameters, FedEx-LoRA's base weights), keep the backbone shared."""
+        from .workers import own_writable_copies
+
+        rt = self.build.rt
+        for backbone in {id(b): b for b in [rt, *rt.backbones.values()]}.values():
+            own_writable_copies(backbone.model, backbone.method.written_in_fit())
+        rt.initial_local = {k: v.clone() for k, v in rt.initial_local.items()}
+        rt.initial_global = {k: v.clone() for k, v in rt.initial_global.items()}
+
+    def __call__(self, header: dict, blob: bytes) -> tuple[bytes, Any]:
         op, key, round = header["op"], header["key"], header["round"]
         if op == "score":
             from safetensors.torch import load as load_tensors
 
-            rt = self.server_runtime
+            rt = self.build.rt
             rt.method.load(load_tensors(blob))
             examples = rt.val_examples if header["which"] == "val" else rt.eval_examples
             shard = examples[header["start"]:header["stop"]]
@@ -114,6 +117,35 @@ class RoundRunner:
             kw = {"attack": Attack(cfg.attack, cfg.attack_scale, cfg.seed)} if header["hostile"] else {}
             return client.fit(blob, round, **kw)
         return b"", client.evaluate(blob, round)
+
+
+class RoundRunner:
+    """Runs round 0 (the initial evaluation) and rounds 1..R of one run; keeps the running total
+    of the clients' state on disk (``state_bytes``) that every record carries.
+
+    With ``workers`` > 1 (in-process clients only) the round's fits and personalised evaluations
+    run in a :class:`.workers.WorkerPool` (``start``: forked from this process, or spawned);
+    ``build(cid)`` makes a client object there. :meth:`close` ends the pool."""
+
+    def __init__(self, cfg, server, clients: ClientPool, *, personalized: bool, progress: bool,
+                 echo: Callable[[str], None], state_bytes: int = 0, workers: int = 1, threads: int = 1,
+                 build: "ClientBuilder | None" = None, start: str = "fork"):
+        self.cfg, self.server, self.clients = cfg, server, clients
+        self.personalized, self.progress, self.echo = personalized, progress, echo
+        self.state_bytes = state_bytes
+        self.workers, self.threads, self.build, self.start = workers, threads, build, start
+        self._pool = None
+        self.server_runtime = None  # set by the engine: the server's evaluation is split in the workers
+
+    def pool(self):
+        """The worker pool (started on first use, after the backbone is loaded), or None."""
+        if self.workers <= 1 or self.build is None:
+            return None
+        if self._pool is None:
+            from .workers import WorkerPool
+
+            self._pool = WorkerPool(self.workers, self.threads, WorkerCall(self.cfg, self.build), start=self.start)
+        return self._pool
 
     def _run_in_pool(self, pool, op: str, plan: list[tuple[str, bytes]], round: int, hostile=(), desc: str = ""):
         for cid, _ in plan:

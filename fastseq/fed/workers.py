@@ -1,9 +1,18 @@
 """Worker processes that train a round's clients in parallel and share one frozen backbone.
 
-The local engine's backbone is loaded once; the workers are forked from the engine's process
-after that, so they see the backbone's tensors through copy-on-write pages that nobody writes
-(the backbone is frozen): it is shared, never copied. Each worker holds only the adapter and
-optimizer state of the client it is training. A worker gets ``(client id, round, downlink
+The local engine's backbone is loaded once and shared with the workers, never copied:
+
+* ``fork`` (the default on a CPU): the workers are forked from the engine's process after the
+  load, so they see the backbone's tensors through copy-on-write pages that nobody writes (the
+  backbone is frozen);
+* ``spawn`` (the only way on a GPU: a CUDA context cannot be forked): fresh interpreters get the
+  runtime through ``torch.multiprocessing``, whose pickler sends every tensor as a handle (CUDA
+  IPC on a GPU, a shared-memory segment on a CPU), not as data. Tensors a client writes (its
+  trainable parameters) are then copied once in each worker (:func:`own_writable_copies`), so
+  workers never write each other's memory. This pickle never leaves the machine: it is the
+  engine talking to its own children, not a payload from the network.
+
+Each worker holds only the adapter and optimizer state of the client it is training. A worker gets ``(client id, round, downlink
 blob)`` and returns the client's encoded update blob and its metrics as JSON, over a pipe of
 its own (no pickle crosses it); the per-client state (local parameters, error feedback) stays
 in the client's files on disk, exactly as in the sequential engine, so the parent's checkpoint
@@ -16,7 +25,10 @@ sequential one at the same number of torch threads per client (tested). A worker
 the reason; the next round forks a new one. No worker outlives the engine's process: each
 asks the kernel for SIGKILL when its parent dies, and :meth:`WorkerPool.close` ends them.
 
-CPU only: CUDA cannot be forked (``--workers`` > 1 on a GPU is refused; see docs/federated.md).
+On a GPU ``auto`` is one worker until measured otherwise (``scripts/gpu_check.py``'s workers
+step); ``--workers N`` there spawns. Spawned workers re-import the engine's main module, so a
+script that runs the engine itself needs the usual ``if __name__ == "__main__":`` guard
+(``fastseq run`` has it).
 """
 
 from __future__ import annotations
@@ -77,11 +89,45 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[dict, bytes], tuple]):
-    """The body of a worker: serve requests until the parent closes the pipe."""
+def start_method(requested: str, device_type: str) -> str:
+    """``fork`` or ``spawn`` for ``--worker-start`` (``auto``: fork on a CPU, spawn elsewhere)."""
+    if requested == "auto":
+        return "fork" if device_type == "cpu" else "spawn"
+    return requested
+
+
+def own_writable_copies(model, written=()) -> int:
+    """In a spawned worker: give every tensor a client's fit writes storage of this process's own
+    (the parameters that train, the buffers, and ``written``: what the method writes in place,
+    see :meth:`fastseq.fed.methods.Method.written_in_fit`), so that training writes neither the
+    engine's tensors nor another worker's; the frozen weights stay shared. The tensors keep their
+    identity (``.data`` is swapped), so every reference to them stays valid. Returns the bytes
+    copied."""
+    seen: set[int] = set()
+    tensors = [p for p in model.parameters() if p.requires_grad] + list(model.buffers()) + list(written)
+    copied = 0
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.data = t.data.clone()
+        copied += t.numel() * t.element_size()
+    return copied
+
+
+def _worker_main(conn, close_in_child: list, threads: int, call: Callable[[dict, bytes], tuple],
+                 parent_pid: int | None = None):
+    """The body of a worker: serve requests until the parent closes the pipe. ``parent_pid``
+    (spawned workers): the engine's pid, to exit if it died before this worker started."""
     import torch
 
     _die_with_parent()
+    if parent_pid is not None:
+        if os.getppid() != parent_pid:
+            return  # the engine died while this worker was starting
+        prepare = getattr(call, "in_spawned_worker", None)
+        if prepare is not None:
+            prepare()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for c in close_in_child:  # the other pipes' parent ends: only the parent may hold them
         c.close()
@@ -109,17 +155,25 @@ class WorkerPool:
     value)``. ``header`` holds ``op``, ``key`` (a client id, or a shard's name), ``round`` and
     the job's own fields (see :class:`fastseq.fed.rounds.RoundRunner`)."""
 
-    def __init__(self, n: int, threads: int, call: Callable[[dict, bytes], tuple]):
-        self.n, self.threads, self.call = n, threads, call
-        self._ctx = mp.get_context("fork")
+    def __init__(self, n: int, threads: int, call: Callable[[dict, bytes], tuple], start: str = "fork"):
+        self.n, self.threads, self.call, self.start = n, threads, call, start
+        if start == "spawn":
+            import torch.multiprocessing as tmp  # its pickler sends tensors as handles (shared, not copied)
+
+            self._ctx = tmp.get_context("spawn")
+        else:
+            self._ctx = mp.get_context("fork")
         self._workers: list[_Worker | None] = [None] * n
         self.pids_started: list[int] = []  # every worker process this pool started (tests check they end)
 
     def _start(self, i: int) -> _Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        others = [w.conn for w in self._workers if w is not None] + [parent_end]
-        p = self._ctx.Process(target=_worker_main, args=(child_end, others, self.threads, self.call),
-                              name=f"fastseq-worker-{i}", daemon=True)
+        if self.start == "spawn":  # a fresh interpreter inherits no pipe ends
+            args = (child_end, [], self.threads, self.call, os.getpid())
+        else:
+            others = [w.conn for w in self._workers if w is not None] + [parent_end]
+            args = (child_end, others, self.threads, self.call)
+        p = self._ctx.Process(target=_worker_main, args=args, name=f"fastseq-worker-{i}", daemon=True)
         p.start()
         child_end.close()
         self.pids_started.append(p.pid)
