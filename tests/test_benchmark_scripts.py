@@ -234,23 +234,30 @@ def test_accuracy_study_budget_is_plain_scl_whatever_the_defaults():
 
 
 def test_scale_clients_smoke(tmp_path):
-    """Two tiny configurations, each in its own process: the time split, peak RSS and the client
-    state on disk (the reported size is the files' size); a rerun reuses the finished rows."""
+    """Two tiny configurations, in one process and with 2 workers, each in its own process: the
+    time split, peak RSS and the client state on disk (the reported size is the files' size), the
+    same results with workers; a rerun reuses the finished rows."""
     sc = _load("benchmarks/scale_clients.py")
     argv = ["--smoke", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")]
     sc.main(argv)
     stem = tmp_path / "scale_clients_smoke"
     rows = _csv(f"{stem}.csv")
     doc = json.loads(Path(f"{stem}.json").read_text())
-    assert len(rows) == len(doc["rows"]) == 2 and (tmp_path / "scale_clients_smoke.png").stat().st_size > 0
-    assert "| arm | clients |" in Path(f"{stem}.md").read_text()
+    assert len(rows) == len(doc["rows"]) == 4 and (tmp_path / "scale_clients_smoke.png").stat().st_size > 0
+    assert "| arm | clients | workers |" in Path(f"{stem}.md").read_text()
     for r in doc["rows"]:
         assert r["git_commit"] and r["torch"] and r["measured_rounds"] == 2
-        assert 0 < r["train_s"] < r["round_s"] and 0 < r["overhead_frac"] < 1 and r["peak_rss_mb"] > 50
+        assert r["train_s"] > 0 and r["peak_rss_mb"] > 50
+        if r["workers"] == 1:  # with workers the clients' training seconds add up across processes
+            assert r["train_s"] < r["round_s"] and 0 < r["overhead_frac"] < 1
         # FedSA's B, the error-feedback residual and the held global state (lossy downlink) per client
         assert r["client_state_bytes"] == r["clients_dir_bytes"] > 0
         assert r["server_state_bytes"] == r["server_dir_bytes"] > 0
-    assert [r["clients"] for r in doc["rows"]] == [3, 8]
+    assert [(r["clients"], r["workers"]) for r in doc["rows"]] == [(3, 1), (8, 1), (3, 2), (8, 2)]
+    seq, par = doc["rows"][:2], doc["rows"][2:]
+    assert all(p["final"] == q["final"] and p["client_state_bytes"] == q["client_state_bytes"] for p, q in zip(seq, par))
+    assert all(r["worker_peak_rss_mb"] > 50 for r in par) and all(r["worker_peak_rss_mb"] == 0 for r in seq)
+    assert "2 workers: round" in Path(f"{stem}.md").read_text()
     stamp = Path(f"{stem}.json").read_text()
     sc.main(argv)  # resumable: nothing is rerun
     assert json.loads(Path(f"{stem}.json").read_text())["rows"] == json.loads(stamp)["rows"]
