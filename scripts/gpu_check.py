@@ -1,6 +1,6 @@
 """GPU truth in one call: kernels, training step and memory, measured on a lent GPU.
 
-    python scripts/gpu_check.py --out DIR             # CUDA: about 8 minutes on an H100 / H200
+    python scripts/gpu_check.py --out DIR             # CUDA: about 9 minutes on an H100 / H200
     python scripts/gpu_check.py --dry-run --out DIR   # CPU rehearsal: tiny shapes, the Triton interpreter
 
 Runs from a source checkout without installing fastseq (the checkout goes first on
@@ -19,6 +19,8 @@ recorded and the next step still runs:
 6. ``gemma_memory`` a Gemma-2B-shaped client: the planner's choice for 6 GB at batch 4 x 512, measured
 7. ``fleet``        a 3-tier heterogeneous fleet: each tier's planned step (rank, quantization, level,
                     micro-batch) measured with ``torch.cuda.max_memory_allocated``, against its budget
+8. ``workers``      1 vs 4 workers (spawned, the backbone shared through CUDA IPC) of a client with
+                    TinyLlama's widths: round time, each client's peak allocation, the device's used memory
 
 Writes to DIR, rewritten after every step (at most 8 files: the device tool returns no more):
 gpu_check.json (everything, tagged by benchmarks/provenance.py), gpu_check.md (the summary and
@@ -51,8 +53,8 @@ for _p in (ROOT / "scripts", ROOT / "benchmarks", ROOT):
 GIB = 2**30
 # (name, seconds): unspent seconds carry over to the steps after
 STEPS = (("env", 20), ("correctness", 130), ("sweep", 100), ("train_step", 120), ("federated", 50),
-         ("gemma_memory", 60), ("fleet", 40))
-TOTAL_BUDGET = 520
+         ("gemma_memory", 60), ("fleet", 40), ("workers", 50))
+TOTAL_BUDGET = 550
 GRACE_S = 20  # after SIGINT: pytest writes its report, a step saves what it has
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log", "correctness.log",
              "kernel_sweep.csv", "train_step.csv")
@@ -402,9 +404,83 @@ def step_fleet(st: Step) -> None:
                   flush=True)
 
 
+def _tinyllama_wide_folder(folder: Path, dry: bool) -> Path:
+    """A random-weight Llama checkpoint with TinyLlama's widths (fewer layers, the tiny models'
+    vocabulary and byte tokenizer) saved as a local model folder: the device has no hub."""
+    import transformers as tf
+
+    import train_step as ts
+    from fastseq.models import TINY_VOCAB, byte_tokenizer
+
+    tok = byte_tokenizer()
+    shape, layers = (ts.SMOKE, 2) if dry else (ts.TINYLLAMA, 4)
+    cfg = tf.LlamaConfig(vocab_size=TINY_VOCAB, num_hidden_layers=layers, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                         **shape)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def step_workers(st: Step) -> None:
+    """The same 3-round run with 1 and 4 workers on this device (on a GPU the workers are spawned
+    and share the backbone through CUDA IPC): round time, each client's own peak allocation, the
+    engine's, and the device's used memory (every process's, CUDA contexts included)."""
+    import torch
+
+    from fastseq.fed import ExperimentConfig, run_experiment
+
+    cuda = st.device.type == "cuda"
+    st.result.update(runs=[])
+    with tempfile.TemporaryDirectory(prefix="gpu_check_workers_") as tmp:
+        model = _tinyllama_wide_folder(Path(tmp) / "model", st.dry)
+        for workers in (1, 4):
+            with st.unit(f"workers={workers}"):
+                cfg = ExperimentConfig(model=str(model), task="synthetic", method="scl", rounds=3, clients=4,
+                                       clients_per_round=4, partition="iid", min_client_size=4, local_steps=5,
+                                       batch_size=4, max_length=32 if st.dry else 256, max_examples=96,
+                                       eval_examples=32, eval_batch_size=16, r=8, device=st.device.type,
+                                       dtype="bfloat16" if cuda else None, workers=workers,
+                                       out=f"{tmp}/w{workers}", progress=False, seed=0)
+                used, stop = [0], threading.Event()
+
+                def sample():  # the device's used memory: every process on it, contexts included
+                    while not stop.wait(0.05):
+                        free, total = torch.cuda.mem_get_info()
+                        used[0] = max(used[0], total - free)
+
+                sampler = threading.Thread(target=sample, daemon=True) if cuda else None
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    sampler.start()
+                t0 = time.perf_counter()
+                try:
+                    summary = run_experiment(cfg, echo=lambda line: print(f"[workers] {workers}: {line}", flush=True))
+                finally:
+                    stop.set()
+                rows = [json.loads(line) for line in open(f"{tmp}/w{workers}/metrics.jsonl")][1:]
+                peaks = [max(r.get("client_cuda_peak_bytes", {}).values(), default=None) for r in rows]
+                run = dict(workers=workers, seconds=round(time.perf_counter() - t0, 2),
+                           round_seconds=[round(r["seconds"], 3) for r in rows],
+                           # round 1 starts the workers (spawn: a fresh interpreter and CUDA context each)
+                           round_s_after_first=sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1),
+                           client_cuda_peak_bytes=max((p for p in peaks if p is not None), default=None),
+                           engine_cuda_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                           device_used_peak_bytes=used[0] if cuda else None, final=summary["final"],
+                           metric=summary["metric"], client_worker=rows[-1].get("client_worker"))
+                st.result["runs"].append(run)
+                print(f"[workers] {workers}: rounds {run['round_seconds']} s, client peak "
+                      f"{(run['client_cuda_peak_bytes'] or 0) / GIB:.2f} GiB, device used "
+                      f"{(run['device_used_peak_bytes'] or 0) / GIB:.2f} GiB", flush=True)
+    runs = st.result["runs"]
+    if len(runs) == 2:
+        st.result.update(round_time_ratio=runs[1]["round_s_after_first"] / runs[0]["round_s_after_first"],
+                         same_final=runs[0]["final"] == runs[1]["final"])
+
+
 STEP_FUNCTIONS = {"env": step_env, "correctness": step_correctness, "sweep": step_sweep,
                   "train_step": step_train_step, "federated": step_federated, "gemma_memory": step_gemma_memory,
-                  "fleet": step_fleet}
+                  "fleet": step_fleet, "workers": step_workers}
 
 
 def run_step(name: str, work: Path, out: Path, dry: bool) -> int:

@@ -44,7 +44,8 @@ def test_dry_run_writes_every_file_and_every_step_passes(tmp_path):
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["meta"]["dry_run"] is True and doc["meta"]["git_commit"] and doc["meta"]["torch"]
     steps = doc["steps"]
-    assert list(steps) == ["env", "correctness", "sweep", "train_step", "federated", "gemma_memory", "fleet"]
+    assert list(steps) == ["env", "correctness", "sweep", "train_step", "federated", "gemma_memory", "fleet",
+                           "workers"]
     for name, r in steps.items():
         assert r["status"] == "ok", (name, r.get("error"), r.get("units"))
         assert all(u["status"] == "ok" for u in r.get("units", {}).values()), (name, r["units"])
@@ -84,6 +85,10 @@ def test_dry_run_writes_every_file_and_every_step_passes(tmp_path):
     g = steps["gemma_memory"]
     assert g["fits"] and g["budget_bytes"] == 6 * 2**30 and len(g["rows"]) == 1 and g["rows"][0]["plan_estimate_bytes"] > 0
 
+    w = steps["workers"]  # 1 and 4 workers: the same run, the same result
+    assert [r["workers"] for r in w["runs"]] == [1, 4] and w["same_final"] is True
+    assert len(set(w["runs"][1]["client_worker"].values())) == 4 and w["round_time_ratio"] > 0
+
     goals = {x["key"]: x for x in doc["goals"]}
     assert len(goals) == 8
     # a dry run measures nothing a goal is about: every goal "not measured", never met or missed
@@ -92,6 +97,7 @@ def test_dry_run_writes_every_file_and_every_step_passes(tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "MISSED" not in log_text(out) and "**no**" not in md and "not measured" in md
     assert "DRY RUN" in md and "## Goals" in md and "## Kernel sweep" in md and "## Federated round" in md
+    assert "## Workers" in md
     assert (out / "gpu_check.png").stat().st_size > 10_000
     log = (out / "gpu_check.log").read_text()
     assert all(f"[{name}] ok in" in log for name in steps)

@@ -277,6 +277,9 @@ class Client:
         anchor = {n: known[n] for n in shared} if cfg.prox_mu > 0 else None
         torch.manual_seed(derive_seed(cfg.seed, round, self.client_id, "dropout"))
         steps = self.num_steps()
+        cuda = self.rt.device.type == "cuda"
+        if cuda:  # this process's own allocations (a spawned worker's exclude the shared backbone)
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
         t0 = time.perf_counter()
         losses = self.train(steps, self.batches(round), anchor)
         train_seconds = time.perf_counter() - t0
@@ -313,6 +316,8 @@ class Client:
         if local_dp:  # these travel to the server too on the Flower engine
             metrics = {"train_loss": None, "uplink_bytes": len(blob), "train_seconds": train_seconds,
                        "state_bytes_delta": grew}
+        if cuda:
+            metrics["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.rt.device)
         return blob, metrics
 
     def evaluate(self, downlink_blob: bytes, round: int) -> dict[str, Any]:

@@ -208,6 +208,9 @@ class RoundRunner:
         rec["eval_seconds"] = time.time() - t_eval
         rec["train_seconds"] = sum(float(m.get("train_seconds") or 0) for m in client_metrics.values())
         rec["client_train_loss"] = {c: m["train_loss"] for c, m in client_metrics.items()}
+        peaks = {c: m["cuda_peak_bytes"] for c, m in client_metrics.items() if "cuda_peak_bytes" in m}
+        if peaks:  # on a GPU: each client's peak of its own process's allocations during its fit
+            rec["client_cuda_peak_bytes"] = peaks
         rec["client_state_bytes"] = self.state_bytes
         rec["server_state_bytes"] = self.server.state_bytes
         rec["seconds"] = time.time() - t0
