@@ -9,6 +9,10 @@ from a clean process tree):
 * ``fastseq-<N>w``: the same with ``workers=N`` (``--workers``, default the CPU count): the
   round's clients train in N worker processes forked after the backbone loaded, one torch
   thread each, sharing that backbone.
+* ``fastseq-<N>w-mmap<K>`` (with ``--mmap-threshold BYTES``): the workers arm under glibc's
+  ``MALLOC_MMAP_THRESHOLD_=BYTES``: each worker's activations get pages of their own that go
+  back to the system when freed, instead of a heap that keeps the largest round's (the price:
+  page faults on every large allocation). A memory knob for users, measured.
 * ``flower``: a plain Flower App built in this file, FlowerTune-style: a ServerApp running
   Flower's own ``FedAvg`` strategy on ``ArrayRecord``s, and a ClientApp that loads the model
   and wraps it with ``peft.get_peft_model(LoraConfig(...))`` in every Ray actor, trains with a
@@ -293,13 +297,15 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def run_arm(arm: str, spec: dict, work: Path, sample_s: float, log=print, label: str | None = None) -> dict:
-    """Run ``arm`` (fastseq or flower) in a subprocess; its row is called ``label`` (default ``arm``)."""
+def run_arm(arm: str, spec: dict, work: Path, sample_s: float, log=print, label: str | None = None,
+            env_extra: dict | None = None) -> dict:
+    """Run ``arm`` (fastseq or flower) in a subprocess (``env_extra`` added to its environment); its
+    row is called ``label`` (default ``arm``)."""
     label = label or arm
     work.mkdir(parents=True, exist_ok=True)
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     t0 = time.perf_counter()
     with open(work / "arm.log", "w") as logf:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--work", str(work)],
@@ -397,6 +403,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per Flower actor")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="fastseq's worker processes in its parallel arm (default: the CPU count)")
+    ap.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                    help="add the workers arm under MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 524288)")
     ap.add_argument("--sample-s", type=float, default=0.25, help="memory sampling interval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", help="suffix of the result files (e.g. 1cpu for --ray-cpus 1)")
@@ -428,13 +436,18 @@ def main(argv=None) -> dict:
         fast = run_arm("fastseq", spec, Path(tmp) / "fastseq", args.sample_s)
         par = run_arm("fastseq", {**spec, "workers": args.workers}, Path(tmp) / "fastseq-workers", args.sample_s,
                       label=f"fastseq-{args.workers}w")
+        lowmem = None
+        if args.mmap_threshold:
+            lowmem = run_arm("fastseq", {**spec, "workers": args.workers}, Path(tmp) / "fastseq-workers-mmap",
+                             args.sample_s, label=f"fastseq-{args.workers}w-mmap{args.mmap_threshold // 1024}k",
+                             env_extra={"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)})
         # The Flower arm uses the LoRA the fastseq arm resolved: same rank, alpha and target modules.
         spec.update(lora_r=fast["lora_r"], lora_alpha=fast["lora_alpha"], lora_targets=fast["lora_targets"],
                     parallel_workers=args.workers)
         flower = run_arm("flower", spec, Path(tmp) / "flower", args.sample_s)
     prov = provenance("cpu")
     rows = []
-    for r in (fast, par, flower):
+    for r in [fast, par, flower] + ([lowmem] if lowmem else []):
         rows.append(dict(arm=r["arm"], model=spec["model"], task=spec["task"], clients=spec["clients"],
                          clients_per_round=spec["clients_per_round"], rounds=spec["rounds"],
                          local_steps=spec["local_steps"], batch_size=spec["batch_size"], lr=spec["lr"],
@@ -445,7 +458,7 @@ def main(argv=None) -> dict:
                          arm_wall_s=r["arm_wall_s"], peak_rss_mb=r["peak_rss_mb"], peak_pss_mb=r["peak_pss_mb"],
                          peak_processes=r["peak_processes"], cpu_s=r["cpu_s"], accuracy=r["accuracy"],
                          accuracy_r0=r["accuracy"][0], accuracy_final=r["accuracy"][-1], **prov))
-    seq, par_row, flo = rows
+    seq, par_row, flo = rows[:3]
     ratios = {"round time": flo["round_s_mean"] / seq["round_s_mean"],  # Flower / fastseq (sequential)
               "round time after round 1": flo["round_s_after_first"] / seq["round_s_after_first"],
               "arm wall time": flo["process_wall_s"] / seq["process_wall_s"],
@@ -457,6 +470,11 @@ def main(argv=None) -> dict:
               "workers round time / Flower (after round 1)": par_row["round_s_after_first"] / flo["round_s_after_first"],
               "workers peak PSS / sequential": par_row["peak_pss_mb"] / seq["peak_pss_mb"],
               "Flower peak PSS / workers": flo["peak_pss_mb"] / par_row["peak_pss_mb"]}
+    if lowmem:
+        low = rows[3]
+        ratios.update({"workers+mmap round time / sequential": low["round_s_mean"] / seq["round_s_mean"],
+                       "workers+mmap peak PSS / sequential": low["peak_pss_mb"] / seq["peak_pss_mb"],
+                       "Flower peak PSS / workers+mmap": flo["peak_pss_mb"] / low["peak_pss_mb"]})
     stem = out_dir / (STEM + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else ""))
     write_results(stem, rows, spec=spec, ratios=ratios, seconds=time.time() - t0, **prov)
     write_markdown(Path(f"{stem}.md"), spec, rows, ratios, prov)
