@@ -263,11 +263,13 @@ def test_a_two_rank_fleet_trains_and_counts_bytes_per_client(tmp_path, method, r
     assert big and small and max(small) < min(big)
 
 
-def test_a_fleet_with_workers_is_the_sequential_fleet(tmp_path):
-    """Rank views in forked workers: bit-identical to the sequential fleet run."""
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_fleet_with_workers_is_the_sequential_fleet(tmp_path, start):
+    """Rank views in forked and in spawned workers (a GPU's way: the runtime's tensors shared
+    through torch.multiprocessing): bit-identical to the sequential fleet run."""
     kw = dict(fleet=TWO_RANKS, clients=4, clients_per_round=2, rounds=2)
     seq = run_experiment(tiny_config(tmp_path, "seq", workers=1, **kw), **QUIET)
-    par = run_experiment(tiny_config(tmp_path, "par", workers=2, **kw), **QUIET)
+    par = run_experiment(tiny_config(tmp_path, "par", workers=2, worker_start=start, **kw), **QUIET)
     assert_bit_identical(Path(seq["out"]), Path(par["out"]))
 
 
