@@ -96,6 +96,15 @@ def test_spawned_workers_are_bit_identical_too(tmp_path, case, no_new_processes)
     assert {w for r in history(par["out"])[1:] for w in r["client_worker"].values()} == {0, 1}
 
 
+def test_spawned_workers_with_an_unpicklable_client_factory_say_what_to_do(tmp_path, no_new_processes):
+    def factory(cfg, rt, cid, state_dir):  # a local function: spawn cannot send it
+        return build_client(cfg, rt, cid, state_dir)
+
+    cfg = tiny_config(tmp_path, "local", workers=2, worker_start="spawn", rounds=1, clients=2, clients_per_round=2)
+    with pytest.raises(ConfigError, match="pass a module-level client factory"):
+        run_experiment(cfg, client_factory=factory, **QUIET)
+
+
 class _SharedModelJob:
     """A spawned worker's job on a model it got through torch.multiprocessing: it trains (writes
     its trainable weight) and reports both weights as it sees them."""

@@ -39,6 +39,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
 import signal
 import time
 from dataclasses import dataclass
@@ -174,7 +175,18 @@ class WorkerPool:
             others = [w.conn for w in self._workers if w is not None] + [parent_end]
             args = (child_end, others, self.threads, self.call)
         p = self._ctx.Process(target=_worker_main, args=args, name=f"fastseq-worker-{i}", daemon=True)
-        p.start()
+        try:
+            p.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            if self.start != "spawn":
+                raise
+            from ..config import ConfigError
+
+            parent_end.close()
+            child_end.close()
+            raise ConfigError(f"--worker-start spawn sends the run to its workers by pickle, and part of it cannot be "
+                              f"pickled ({type(e).__name__}: {e}); pass a module-level client factory (no lambda or "
+                              f"local function), or use --worker-start fork on a CPU or --workers 1") from e
         child_end.close()
         self.pids_started.append(p.pid)
         w = self._workers[i] = _Worker(i, p, parent_end)
