@@ -145,7 +145,8 @@ def measure(arm: str, clients: int, s: dict, work: Path, workers: int = 1) -> di
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(conf), str(res_path)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not res_path.is_file():
-        raise RuntimeError(f"{arm} with {clients} clients and {workers} worker(s) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{arm} with {clients} clients and {workers} worker(s) failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     r = json.loads(res_path.read_text())
     rounds = r["rounds"]
     med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
@@ -162,7 +163,8 @@ def measure(arm: str, clients: int, s: dict, work: Path, workers: int = 1) -> di
         overhead_frac=statistics.median(o / x["wall"] for o, x in zip(over, rounds)),
         outside_train_frac=statistics.median((x["wall"] - x["train"]) / x["wall"] for x in rounds),
         overhead_per_client_ms=1e3 * statistics.median(over) / conf["clients_per_round"],
-        peak_rss_mb=r["peak_rss"] / 2**20, worker_peak_rss_mb=r.get("worker_peak_rss", 0) / 2**20 if workers > 1 else 0.0,
+        peak_rss_mb=r["peak_rss"] / 2**20,
+        worker_peak_rss_mb=r.get("worker_peak_rss", 0) / 2**20 if workers > 1 else 0.0,
         rss_round1_mb=r["rss_round1"] / 2**20,
         rss_last_mb=rounds[-1]["rss"] / 2**20,
         client_state_bytes=r["client_state_bytes"], server_state_bytes=r["server_state_bytes"],
@@ -209,9 +211,11 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
     for r in rows:
         w = r.get("workers", 1)
         worker_rss = f"{r['worker_peak_rss_mb']:.0f}" if w > 1 else "-"
-        lines.append(f"| {r['arm']} | {r['clients']:,} | {w} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} "
+        lines.append(f"| {r['arm']} | {r['clients']:,} | {w} | {r['round_s']:.2f} | {r['train_s']:.2f} "
+                     f"| {r['eval_s']:.2f} "
                      f"| {_num(r['overhead_s'], '.3f')} | {_num(100 * r['overhead_frac'], '.1f', '%')} "
-                     f"| {_num(100 * r['outside_train_frac'], '.1f', '%')} | {_num(r['overhead_per_client_ms'], '.1f')} "
+                     f"| {_num(100 * r['outside_train_frac'], '.1f', '%')} "
+                     f"| {_num(r['overhead_per_client_ms'], '.1f')} "
                      f"| {r['peak_rss_mb']:.0f} "
                      f"| {worker_rss} "
                      f"| {r['rss_round1_mb']:.0f} -> {r['rss_last_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
@@ -333,8 +337,9 @@ def main(argv=None) -> None:
             bar.update()
             rows = [done[t] for t in todo if t in done]
             write_report(rows, stem, s, meta)  # after each configuration: a kill loses only the running ones
-            tqdm.write(f"{arm} {n:>5} clients, {w} worker(s): round {row['round_s']:.2f} s, train {row['train_s']:.2f} s, "
-                       f"overhead {_num(100 * row['overhead_frac'], '.1f', '%')}, peak RSS {row['peak_rss_mb']:.0f} MB, client state "
+            tqdm.write(f"{arm} {n:>5} clients, {w} worker(s): round {row['round_s']:.2f} s, "
+                       f"train {row['train_s']:.2f} s, overhead {_num(100 * row['overhead_frac'], '.1f', '%')}, "
+                       f"peak RSS {row['peak_rss_mb']:.0f} MB, client state "
                        f"{row['client_state_bytes']:,} B + server {row['server_state_bytes']:,} B")
     bar.close()
     rows = [done[t] for t in todo]

@@ -87,7 +87,8 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 # What a resumed run may change: how and how long it runs, never what it computes.
 RESUME_MAY_CHANGE = ("rounds", "out", "progress", "device", "engine", "deepspeed", "eval_batch_size", "client_cpus",
-                     "client_gpus", "workers", "worker_start", "report_to", "harness_tasks", "harness_every", "harness_limit")
+                     "client_gpus", "workers", "worker_start", "report_to", "harness_tasks", "harness_every",
+                     "harness_limit")
 
 
 class NothingTrained(RuntimeError):

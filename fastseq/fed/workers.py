@@ -12,11 +12,11 @@ The local engine's backbone is loaded once and shared with the workers, never co
   workers never write each other's memory. This pickle never leaves the machine: it is the
   engine talking to its own children, not a payload from the network.
 
-Each worker holds only the adapter and optimizer state of the client it is training. A worker gets ``(client id, round, downlink
-blob)`` and returns the client's encoded update blob and its metrics as JSON, over a pipe of
-its own (no pickle crosses it); the per-client state (local parameters, error feedback) stays
-in the client's files on disk, exactly as in the sequential engine, so the parent's checkpoint
-and commit logic is unchanged.
+Each worker holds only the adapter and optimizer state of the client it is training. A worker
+gets ``(client id, round, downlink blob)`` and returns the client's encoded update blob and its
+metrics as JSON, over a pipe of its own (no pickle crosses it); the per-client state (local
+parameters, error feedback) stays in the client's files on disk, exactly as in the sequential
+engine, so the parent's checkpoint and commit logic is unchanged.
 
 A client's fit is seeded by (seed, round, client) and reloads every trainable tensor first, so
 its result does not depend on which process runs it: a run with workers is bit-identical to the
