@@ -20,7 +20,8 @@ recorded and the next step still runs:
 7. ``fleet``        a 3-tier heterogeneous fleet: each tier's planned step (rank, quantization, level,
                     micro-batch) measured with ``torch.cuda.max_memory_allocated``, against its budget
 8. ``workers``      1 vs 4 workers (spawned, the backbone shared through CUDA IPC) of a client with
-                    TinyLlama's widths: round time, each client's peak allocation, the device's used memory
+                    TinyLlama's widths: round time, each client's peak allocation, the device's used
+                    memory; then 4 workers on an nf4 backbone, if the step's time allows
 
 Writes to DIR, rewritten after every step (at most 8 files: the device tool returns no more):
 gpu_check.json (everything, tagged by benchmarks/provenance.py), gpu_check.md (the summary and
@@ -434,14 +435,15 @@ def step_workers(st: Step) -> None:
     st.result.update(runs=[])
     with tempfile.TemporaryDirectory(prefix="gpu_check_workers_") as tmp:
         model = _tinyllama_wide_folder(Path(tmp) / "model", st.dry)
-        for workers in (1, 4):
-            with st.unit(f"workers={workers}"):
+        # last, when there is time: an nf4 backbone shared with spawned workers (bitsandbytes' weights)
+        for workers, quant in [(1, "none"), (4, "none")] + ([(4, "nf4")] if cuda else []):
+            with st.unit(f"workers={workers}" + (f"/{quant}" if quant != "none" else "")):
                 cfg = ExperimentConfig(model=str(model), task="synthetic", method="scl", rounds=3, clients=4,
                                        clients_per_round=4, partition="iid", min_client_size=4, local_steps=5,
                                        batch_size=4, max_length=32 if st.dry else 256, max_examples=96,
                                        eval_examples=32, eval_batch_size=16, r=8, device=st.device.type,
-                                       dtype="bfloat16" if cuda else None, workers=workers,
-                                       out=f"{tmp}/w{workers}", progress=False, seed=0)
+                                       dtype="bfloat16" if cuda else None, workers=workers, quantization=quant,
+                                       out=f"{tmp}/w{workers}{quant}", progress=False, seed=0)
                 used, stop = [0], threading.Event()
 
                 def sample():  # the device's used memory: every process on it, contexts included
@@ -458,9 +460,9 @@ def step_workers(st: Step) -> None:
                     summary = run_experiment(cfg, echo=lambda line: print(f"[workers] {workers}: {line}", flush=True))
                 finally:
                     stop.set()
-                rows = [json.loads(line) for line in open(f"{tmp}/w{workers}/metrics.jsonl")][1:]
+                rows = [json.loads(line) for line in open(f"{tmp}/w{workers}{quant}/metrics.jsonl")][1:]
                 peaks = [max(r.get("client_cuda_peak_bytes", {}).values(), default=None) for r in rows]
-                run = dict(workers=workers, seconds=round(time.perf_counter() - t0, 2),
+                run = dict(workers=workers, quantization=quant, seconds=round(time.perf_counter() - t0, 2),
                            round_seconds=[round(r["seconds"], 3) for r in rows],
                            # round 1 starts the workers (spawn: a fresh interpreter and CUDA context each)
                            round_s_after_first=sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1),
@@ -472,10 +474,11 @@ def step_workers(st: Step) -> None:
                 print(f"[workers] {workers}: rounds {run['round_seconds']} s, client peak "
                       f"{(run['client_cuda_peak_bytes'] or 0) / GIB:.2f} GiB, device used "
                       f"{(run['device_used_peak_bytes'] or 0) / GIB:.2f} GiB", flush=True)
-    runs = st.result["runs"]
-    if len(runs) == 2:
-        st.result.update(round_time_ratio=runs[1]["round_s_after_first"] / runs[0]["round_s_after_first"],
-                         same_final=runs[0]["final"] == runs[1]["final"])
+    by = {(r["workers"], r["quantization"]): r for r in st.result["runs"]}
+    one, four = by.get((1, "none")), by.get((4, "none"))
+    if one and four:
+        st.result.update(round_time_ratio=four["round_s_after_first"] / one["round_s_after_first"],
+                         same_final=one["final"] == four["final"])
 
 
 STEP_FUNCTIONS = {"env": step_env, "correctness": step_correctness, "sweep": step_sweep,
