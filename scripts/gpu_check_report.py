@@ -170,8 +170,8 @@ def markdown(results: dict) -> str:
                           t.get("within_budget", t.get("reason", "-"))] for t in fleet["tiers"]])
     wk = results["steps"].get("workers", {})
     lines += _table("Workers: one run with 1 and 4 worker processes sharing the backbone (spawned on a GPU)",
-                    ["workers", "backbone", "round s", "rounds 2+ s", "client peak MiB", "engine peak MiB", "device used MiB",
-                     "final"],
+                    ["workers", "backbone", "round s", "rounds 2+ s", "client peak MiB", "engine peak MiB",
+                     "device used MiB", "final"],
                     [[r["workers"], r.get("quantization", "none"),
                       ", ".join(f"{x:.2f}" for x in r["round_seconds"]),
                       _num(r.get("round_s_after_first"), ".2f"), _num(r.get("client_cuda_peak_bytes"), ".0f", 2**-20),
