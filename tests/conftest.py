@@ -12,7 +12,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 # One torch thread here and in every process a test starts (Flower's SuperNodes and ClientApps,
 # Ray actors, `fastseq run` subprocesses): runs compared across processes then sum in the same
-# order whatever the machine's core count (CI runs two xdist processes), and the processes of one
+# order whatever the machine's core count (CI runs plain `pytest -q`), and the processes of one
 # test do not fight over the cores. torch reads the variable when it starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers such as tiny_models

@@ -105,7 +105,12 @@ def test_flower_sim_stops_ray_when_the_server_fails(tmp_path, monkeypatch):
     t0 = time.time()
     with pytest.raises(RuntimeError, match="server exploded on purpose"):
         engines.run(_cfg(tmp_path / "x", engine="flower-sim"), echo=lambda s: None)
-    assert not ray.is_initialized() and _ray_processes_since(t0) == []
+    assert not ray.is_initialized()
+    # killed or exiting, they leave within seconds (under load a killed GCS can still be listed)
+    deadline = time.monotonic() + 30
+    while _ray_processes_since(t0) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes_since(t0) == []
     assert os.environ.get("PYTHONPATH") == env_before
 
 
