@@ -423,6 +423,29 @@ def _tinyllama_wide_folder(folder: Path, dry: bool) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _device_used_peak(cuda: bool):
+    """Yields a one-item list that ends up holding the device's peak used memory during the
+    body (every process on it, CUDA contexts included); [None] without CUDA."""
+    import torch
+
+    peak, stop = [None], threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            free, total = torch.cuda.mem_get_info()
+            peak[0] = max(peak[0] or 0, total - free)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+
+
 def step_workers(st: Step) -> None:
     """The same 3-round run with 1 and 4 workers on this device (on a GPU the workers are spawned
     and share the backbone through CUDA IPC): round time, each client's own peak allocation, the
@@ -437,39 +460,27 @@ def step_workers(st: Step) -> None:
         model = _tinyllama_wide_folder(Path(tmp) / "model", st.dry)
         # last, when there is time: an nf4 backbone shared with spawned workers (bitsandbytes' weights)
         for workers, quant in [(1, "none"), (4, "none")] + ([(4, "nf4")] if cuda else []):
-            with st.unit(f"workers={workers}" + (f"/{quant}" if quant != "none" else "")):
-                cfg = ExperimentConfig(model=str(model), task="synthetic", method="scl", rounds=3, clients=4,
-                                       clients_per_round=4, partition="iid", min_client_size=4, local_steps=5,
-                                       batch_size=4, max_length=32 if st.dry else 256, max_examples=96,
-                                       eval_examples=32, eval_batch_size=16, r=8, device=st.device.type,
-                                       dtype="bfloat16" if cuda else None, workers=workers, quantization=quant,
-                                       out=f"{tmp}/w{workers}{quant}", progress=False, seed=0)
-                used, stop = [0], threading.Event()
-
-                def sample():  # the device's used memory: every process on it, contexts included
-                    while not stop.wait(0.05):
-                        free, total = torch.cuda.mem_get_info()
-                        used[0] = max(used[0], total - free)
-
-                sampler = threading.Thread(target=sample, daemon=True) if cuda else None
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                    sampler.start()
+            out = f"{tmp}/w{workers}{quant}"
+            cfg = ExperimentConfig(model=str(model), task="synthetic", method="scl", rounds=3, clients=4,
+                                   clients_per_round=4, partition="iid", min_client_size=4, local_steps=5,
+                                   batch_size=4, max_length=32 if st.dry else 256, max_examples=96,
+                                   eval_examples=32, eval_batch_size=16, r=8, device=st.device.type,
+                                   dtype="bfloat16" if cuda else None, workers=workers, quantization=quant,
+                                   out=out, progress=False, seed=0)
+            with st.unit(f"workers={workers}" + (f"/{quant}" if quant != "none" else "")), \
+                    _device_used_peak(cuda) as used:
                 t0 = time.perf_counter()
-                try:
-                    summary = run_experiment(cfg, echo=lambda line: print(f"[workers] {workers}: {line}", flush=True))
-                finally:
-                    stop.set()
-                rows = [json.loads(line) for line in open(f"{tmp}/w{workers}{quant}/metrics.jsonl")][1:]
-                peaks = [max(r.get("client_cuda_peak_bytes", {}).values(), default=None) for r in rows]
+                summary = run_experiment(cfg, echo=lambda line: print(f"[workers] {workers}: {line}", flush=True))
+                rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")][1:]
                 run = dict(workers=workers, quantization=quant, seconds=round(time.perf_counter() - t0, 2),
                            round_seconds=[round(r["seconds"], 3) for r in rows],
                            # round 1 starts the workers (spawn: a fresh interpreter and CUDA context each)
                            round_s_after_first=sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1),
-                           client_cuda_peak_bytes=max((p for p in peaks if p is not None), default=None),
+                           client_cuda_peak_bytes=max((p for r in rows for p in
+                                                       r.get("client_cuda_peak_bytes", {}).values()), default=None),
                            engine_cuda_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                           device_used_peak_bytes=used[0] if cuda else None, final=summary["final"],
-                           metric=summary["metric"], client_worker=rows[-1].get("client_worker"))
+                           device_used_peak_bytes=used[0], final=summary["final"], metric=summary["metric"],
+                           client_worker=rows[-1].get("client_worker"))
                 st.result["runs"].append(run)
                 print(f"[workers] {workers}: rounds {run['round_seconds']} s, client peak "
                       f"{(run['client_cuda_peak_bytes'] or 0) / GIB:.2f} GiB, device used "

@@ -16,7 +16,6 @@ user): :meth:`fastseq.data.TaskData.keyed_by`.
 from __future__ import annotations
 
 import abc
-
 import difflib
 import os
 from typing import Any

@@ -133,5 +133,5 @@ def flwr_partition(keys: Sequence[Hashable], num_clients: int, name: str, option
 
 def check_partitioner(name: str, options: dict[str, Any], **settings: Any) -> None:
     """What can be checked before any data is loaded: the name, the options and the values the
-    class accepts (it is built once, with a placeholder key column)."""
+    class accepts (it is built once, on a stand-in key column name)."""
     build_partitioner(name, partitioner_kwargs(name, options, key=settings.pop("key", "key"), **settings))
