@@ -221,14 +221,13 @@ def write_report(rows: list[dict], stem: Path, s: dict, meta: dict) -> None:
                      f"| {r['rss_round1_mb']:.0f} -> {r['rss_last_mb']:.0f} | {r['client_state_bytes'] / 1024:,.1f} "
                      f"| {r['server_state_bytes'] / 1024:,.1f} | {r['clients_with_state']:,} "
                      f"| {r['state_bytes_per_client']:,.0f} |")
-    by, seq = {}, {}
+    by = {}  # the sequential rows: arm -> clients -> row
     for r in rows:
         if r.get("workers", 1) == 1:
             by.setdefault(r["arm"], {})[r["clients"]] = r
-            seq[r["arm"], r["clients"]] = r
     notes = []
     for r in rows:
-        base = seq.get((r["arm"], r["clients"]))
+        base = by.get(r["arm"], {}).get(r["clients"])
         if r.get("workers", 1) > 1 and base is not None:
             notes.append(f"* {r['arm']}, {r['clients']:,} clients, {r['workers']} workers: round "
                          f"{r['round_s']:.2f} s against {base['round_s']:.2f} s in one process "

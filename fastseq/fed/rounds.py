@@ -87,8 +87,8 @@ class WorkerCall:
     server's evaluation, with the state in ``blob`` loaded (see
     :meth:`RoundRunner.score_in_workers`)."""
 
-    def __init__(self, cfg, build: ClientBuilder):
-        self.cfg, self.build = cfg, build
+    def __init__(self, build: ClientBuilder):
+        self.build = build
 
     def in_spawned_worker(self) -> None:
         """A spawned worker got the runtime's tensors shared with the engine: copy what a client
@@ -98,8 +98,6 @@ class WorkerCall:
         rt = self.build.rt
         for backbone in {id(b): b for b in [rt, *rt.backbones.values()]}.values():
             own_writable_copies(backbone.model, backbone.method.written_in_fit())
-        rt.initial_local = {k: v.clone() for k, v in rt.initial_local.items()}
-        rt.initial_global = {k: v.clone() for k, v in rt.initial_global.items()}
 
     def __call__(self, header: dict, blob: bytes) -> tuple[bytes, Any]:
         op, key, round = header["op"], header["key"], header["round"]
@@ -110,10 +108,10 @@ class WorkerCall:
             rt.method.load(load_tensors(blob))
             examples = rt.val_examples if header["which"] == "val" else rt.eval_examples
             shard = examples[header["start"]:header["stop"]]
-            return b"", rt.task.eval_records(rt.model, shard, rt.processor, self.cfg.eval_batch_size)
+            return b"", rt.task.eval_records(rt.model, shard, rt.processor, self.build.cfg.eval_batch_size)
         client = self.build(key)
         if op == "fit":
-            cfg = self.cfg
+            cfg = self.build.cfg
             kw = {"attack": Attack(cfg.attack, cfg.attack_scale, cfg.seed)} if header["hostile"] else {}
             return client.fit(blob, round, **kw)
         return b"", client.evaluate(blob, round)
@@ -144,7 +142,7 @@ class RoundRunner:
         if self._pool is None:
             from .workers import WorkerPool
 
-            self._pool = WorkerPool(self.workers, self.threads, WorkerCall(self.cfg, self.build), start=self.start)
+            self._pool = WorkerPool(self.workers, self.threads, WorkerCall(self.build), start=self.start)
         return self._pool
 
     def _run_in_pool(self, pool, op: str, plan: list[tuple[str, bytes]], round: int, hostile=(), desc: str = ""):
