@@ -38,6 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
     ({"tiers": [{"name": "a", "share": 1}, {"name": "a", "share": 0}]}, "is used twice"),
     ({"tiers": []}, "at least one tier"),
     ({"tier": []}, "'tier' (did you mean 'tiers'?)"),
+    ({"tiers": [{"name": "a", "share": 1, "client_cpus": 0}]}, "client_cpus must be a positive number of CPUs"),
+    ({"tiers": [{"name": "a", "share": 1, "client_gpus": -0.5}]}, "client_gpus must be a GPU fraction"),
 ])
 def test_a_bad_fleet_is_one_line_and_leaves_nothing(tmp_path, capsys, fleet, said):
     with pytest.raises(ConfigError, match=None) as e:
@@ -288,9 +290,16 @@ def test_an_interrupted_fleet_run_resumes_to_the_uninterrupted_result(tmp_path, 
               lora_r=None if method == "scl" else 4, codec="int8", error_feedback=True)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny_config(tmp_path, "cut", **kw), hooks=Interrupt(), **QUIET)
-    run_experiment(tiny_config(tmp_path, "cut", **kw), resume=True, **QUIET)
+    # the tiers' Ray resources (flower-sim's actors) may change on resume: how it runs, not what it computes
+    ray_tiers = {"tiers": [dict(t, client_cpus=2) for t in TWO_RANKS["tiers"]]}
+    run_experiment(tiny_config(tmp_path, "cut", **{**kw, "fleet": ray_tiers}), resume=True, **QUIET)
     full = run_experiment(tiny_config(tmp_path, "full", **kw), **QUIET)
     assert_bit_identical(tmp_path / "cut", Path(full["out"]))
+    from fastseq.fed.engine import check_resume
+
+    other = {"tiers": [dict(t, max_rank=1) for t in TWO_RANKS["tiers"]]}
+    with pytest.raises(ConfigError, match="cannot resume .* with a different config \\(fleet"):
+        check_resume(tiny_config(tmp_path, "cut", **{**kw, "fleet": other}), tmp_path / "cut")
 
 
 def test_a_tier_nothing_fits_is_refused_or_dropped(tmp_path, capsys):
@@ -421,12 +430,52 @@ def test_a_fleet_on_flower_sim_is_the_local_fleet(tmp_path):
     from fastseq import engines
     from fed_helpers import assert_same_run, flower_config
 
-    fleet = {"rank_ladder": [4, 2], "tiers": [{"name": "big", "share": 0.5}, {"name": "small", "share": 0.5,
-                                                                               "max_rank": 2}]}
+    # each tier its own Ray resources (one actor pool per tier; the local engine ignores them)
+    fleet = {"rank_ladder": [4, 2], "tiers": [{"name": "big", "share": 0.5, "client_cpus": 1},
+                                              {"name": "small", "share": 0.5, "max_rank": 2, "client_cpus": 0.5}]}
     kw = dict(clients=3, clients_per_round=2, r=4, fleet=fleet, scl_train_compress=False)
     run_experiment(flower_config(tmp_path / "local", **kw), **QUIET)
-    engines.run(flower_config(tmp_path / "sim", engine="flower-sim", client_cpus=1, **kw), **QUIET)
+    said = []
+    engines.run(flower_config(tmp_path / "sim", engine="flower-sim", client_cpus=1, **kw), echo=said.append)
     assert_same_run(tmp_path / "local", tmp_path / "sim", rounds=2, frozen_c=True)
     a, b = history(tmp_path / "local"), history(tmp_path / "sim")
     assert [r.get("plans") for r in a] == [r.get("plans") for r in b]
     assert {p["rank"] for r in a[1:] for p in r["plans"].values()} == {2, 4}
+    cpus = {"big": 1.0, "small": 0.5}
+    ran = [(p["tier"], b[i]["client_ray_resources"][c]["CPU"]) for i in (1, 2) for c, p in b[i]["plans"].items()]
+    assert {t for t, _ in ran} == {"big", "small"} and all(got == cpus[t] for t, got in ran), ran
+    assert "client_ray_resources" not in a[1]  # the local engine runs no Ray
+    assert not any("did not build" in line for line in said) and any("big: 1 actor(s) x 1 CPU" in line
+                                                                      for line in said), said
+
+
+def _pools(fleet, clients=10, cpus=4.0, gpus=0.0, **kw):
+    from fastseq.flower.tier_pools import tier_pools
+
+    return tier_pools(tiny_config(Path("unused"), clients=clients, fleet=fleet, r=4, **kw), cpus, gpus)
+
+
+def test_tier_pools_share_ray_s_resources_by_tier():
+    """One pool per tier: each at least one actor, the rest to the tier with the most clients per
+    actor that still fits, never above Ray's CPUs/GPUs nor the tier's clients."""
+    assert _pools(TWO_RANKS) is None  # no tier sets resources: Flower's one pool
+    fleet = {"tiers": [{"name": "laptop", "share": 0.8, "client_gpus": 0.1, "client_cpus": 1},
+                       {"name": "workstation", "share": 0.2, "client_gpus": 0.5, "client_cpus": 2}]}
+    pools = {p.tier: p for p in _pools(fleet, cpus=16, gpus=1)}
+    assert len(pools["laptop"].partitions) == 8 and len(pools["workstation"].partitions) == 2
+    assert pools["laptop"].actors == 5 and pools["workstation"].actors == 1  # 5 x 0.1 + 1 x 0.5 GPUs
+    assert sum(p.actors * p.num_gpus for p in pools.values()) <= 1 + 1e-9
+    pools = {p.tier: p for p in _pools(fleet, cpus=100, gpus=8)}  # plenty: one actor per client
+    assert (pools["laptop"].actors, pools["workstation"].actors) == (8, 2)
+    # a tier without its own resources takes the run's --client-cpus / --client-gpus
+    mixed = {"tiers": [{"name": "a", "share": 0.5, "client_cpus": 2}, {"name": "b", "share": 0.5}]}
+    pools = {p.tier: p for p in _pools(mixed, cpus=3, client_cpus=0.5)}
+    assert (pools["a"].num_cpus, pools["b"].num_cpus) == (2.0, 0.5)
+    assert (pools["a"].actors, pools["b"].actors) == (1, 2)
+    with pytest.raises(ConfigError, match="one actor per fleet tier needs 3 CPUs and 0.6 GPUs.*Ray has 1 CPUs"):
+        _pools(fleet, cpus=1, gpus=1)
+    with pytest.raises(ConfigError, match="needs 3 CPUs and 0.6 GPUs.*0 GPUs"):
+        _pools({"tiers": [dict(t, client_cpus=1.5) for t in fleet["tiers"]]}, cpus=8, gpus=0)
+    with pytest.raises(ConfigError, match="tier 'b' has client_gpus=0, so Ray gives its clients no GPU"):
+        _pools({"tiers": [{"name": "a", "share": 0.5, "client_gpus": 0.5}, {"name": "b", "share": 0.5}]},
+               cpus=4, gpus=1, device="cuda")

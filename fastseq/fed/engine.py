@@ -30,6 +30,7 @@ from ..models import resolve_model_source
 from ..tracking import Trackers
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .experiment import ExperimentConfig, build_client, build_runtime, build_server, check_environment, default_out
+from .fleet import without_resources
 from .rounds import ClientBuilder, ClientPool, RoundRunner
 from .run_lock import LOCK_NAME, RunLock, run_lock
 from .workers import resolve_workers, start_method
@@ -169,6 +170,8 @@ def check_resume(cfg: ExperimentConfig, out: Path) -> Path:
     # a change too.
     was = json.loads(json.dumps(ExperimentConfig(**{k: saved[k] for k in ExperimentConfig.keys() if k in saved})
                                 .to_dict()))
+    for d in (was, now):
+        d["fleet"] = without_resources(d["fleet"])
     changed = [k for k in ExperimentConfig.keys() if k not in RESUME_MAY_CHANGE and was[k] != now[k]]
     if changed:
         diffs = ", ".join(f"{k} {was[k]!r}{'' if k in saved else ' (the default)'} -> {now[k]!r}" for k in changed)

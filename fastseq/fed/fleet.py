@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import ConfigError, unknown_keys_error
 
-TIER_KEYS = ("name", "memory", "uplink", "share", "clients", "device", "max_rank")
+TIER_KEYS = ("name", "memory", "uplink", "share", "clients", "device", "max_rank", "client_cpus", "client_gpus")
 FLEET_KEYS = ("tiers", "rank_ladder")
 MISFIT = ("refuse", "drop")
 # The memory model's stated tolerance (docs/quantization.md: a step's measured total within 10 %
@@ -59,6 +59,9 @@ class Tier:
     clients: list[str] | None = None
     device: str | None = None   # what the tier's devices are (planning dtype); None: the run's
     max_rank: int | None = None  # the largest rank the tier may take (e.g. a policy); None: the ladder's
+    # Ray resources of the tier's ClientApp actors on flower-sim; None: the run's --client-cpus/--client-gpus
+    client_cpus: float | None = None
+    client_gpus: float | None = None
 
 
 @dataclass
@@ -96,6 +99,18 @@ def _size(where: str, key: str, value: Any) -> int | None:
     if n <= 0:
         raise ConfigError(f"{where}: {key} must be a positive size such as 4GB, got {value!r}")
     return n
+
+
+def _resource(where: str, key: str, value: Any) -> float | None:
+    # client_cpus must be positive (Ray sizes its actor pool by it); client_gpus may be 0 (no GPU)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (key == "client_cpus"
+                                                                                         and value == 0):
+        what = "a positive number of CPUs such as 1 or 0.5" if key == "client_cpus" else \
+            "a GPU fraction such as 0.25 (or 0: no GPU)"
+        raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+    return float(value)
 
 
 def parse_fleet(d: Any, r: int | None = None) -> Fleet:
@@ -143,8 +158,9 @@ def parse_fleet(d: Any, r: int | None = None) -> Fleet:
         max_rank = t.get("max_rank")
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ConfigError(f"{where}: max_rank must be a positive rank, got {max_rank!r}")
+        resources = {k: _resource(where, k, t.get(k)) for k in ("client_cpus", "client_gpus")}
         tiers.append(Tier(name, _size(where, "memory", t.get("memory")), _size(where, "uplink", t.get("uplink")),
-                          None if share is None else float(share), clients, device, max_rank))
+                          None if share is None else float(share), clients, device, max_rank, **resources))
     shares = [t.share for t in tiers if t.share is not None]
     if shares and not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
         raise ConfigError(f"the fleet's shares sum to {sum(shares):g}; they must sum to 1 (the clients not named "
@@ -158,6 +174,15 @@ def parse_fleet(d: Any, r: int | None = None) -> Fleet:
             raise ConfigError(f"rank_ladder's largest rank {max(ladder)} is above the run's r={r}; the global "
                               f"adapter has rank r: raise --r or lower the ladder")
     return Fleet(tiers, None if ladder is None else list(ladder))
+
+
+def without_resources(fleet: Any) -> Any:
+    """A fleet table without its tiers' Ray resources (client_cpus / client_gpus): they change how
+    a flower-sim run is carried out, not what it computes (a resumed run may change them)."""
+    if not isinstance(fleet, dict) or not isinstance(fleet.get("tiers"), list):
+        return fleet
+    return {**fleet, "tiers": [{k: v for k, v in t.items() if k not in ("client_cpus", "client_gpus")}
+                               if isinstance(t, dict) else t for t in fleet["tiers"]]}
 
 
 def load_fleet(source: str | dict, r: int | None = None) -> Fleet:

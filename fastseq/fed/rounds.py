@@ -209,6 +209,9 @@ class RoundRunner:
         peaks = {c: m["cuda_peak_bytes"] for c, m in client_metrics.items() if "cuda_peak_bytes" in m}
         if peaks:  # on a GPU: each client's peak of its own process's allocations during its fit
             rec["client_cuda_peak_bytes"] = peaks
+        ray_resources = {c: m["ray_resources"] for c, m in client_metrics.items() if "ray_resources" in m}
+        if ray_resources:  # flower-sim: the CPUs / GPUs of each client's Ray actor
+            rec["client_ray_resources"] = ray_resources
         rec["client_state_bytes"] = self.state_bytes
         rec["server_state_bytes"] = self.server.state_bytes
         rec["seconds"] = time.time() - t0

@@ -41,6 +41,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from .config import from_run_config
+from .tier_pools import assigned_resources
 
 log = logging.getLogger("fastseq.flower")
 
@@ -338,6 +339,9 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
     blob, rnd = req["blob"], int(req["round"])
     if kind == "train":
         up, metrics = client.fit(blob, rnd)
+        ray_resources = assigned_resources()
+        if ray_resources is not None:  # flower-sim: what Ray gave this client's actor (a fleet tier's own)
+            metrics["ray_resources"] = ray_resources
         if secure:
             from .secagg import fit_reply
 

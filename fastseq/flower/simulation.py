@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 
 from .config import to_run_config
 from .deploy import flower_env
+from .tier_pools import TierPool, describe as describe_pools, installed, tier_pools, wants_gpus
+from .tier_pools import backend_config as tier_pools_config
 
 # The object store carries messages (encoded deltas) and Contexts, never a model.
 DEFAULT_OBJECT_STORE_BYTES = 200 * 1024**2
@@ -103,7 +105,7 @@ def ray_init_args(cfg, overrides: dict[str, Any] | None = None) -> dict[str, Any
     args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False,
                             "object_store_memory": DEFAULT_OBJECT_STORE_BYTES, "logging_level": logging.ERROR,
                             "configure_logging": True}
-    if cfg.client_gpus > 0:
+    if wants_gpus(cfg):
         try:
             import torch
 
@@ -114,9 +116,9 @@ def ray_init_args(cfg, overrides: dict[str, Any] | None = None) -> dict[str, Any
     return args
 
 
-def backend_config(cfg, init_args: dict[str, Any]) -> dict[str, Any]:
+def backend_config(cfg, init_args: dict[str, Any], pools: list[TierPool] | None = None) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-            "init_args": dict(init_args)}
+            "init_args": dict(init_args), **(tier_pools_config(pools) if pools else {})}
 
 
 def check_resources(cfg, init_args: dict[str, Any]) -> None:
@@ -160,15 +162,18 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
         cfg.out = default_out(cfg)
     cfg.out = os.path.abspath(cfg.out)
     out = Path(cfg.out)
+    init_args = ray_init_args(cfg, ray_init_args_overrides)
+    # a fleet whose tiers set client_cpus / client_gpus: one actor pool per tier
+    pools = tier_pools(cfg, float(init_args.get("num_cpus") or 0), float(init_args.get("num_gpus") or 0))
+    if pools is None:
+        check_resources(cfg, init_args)
     # as the local engine does, before Ray starts; the ServerApp thread re-enters the lock
     with check_before_writing(cfg, out, resume, echo=echo) as lock:
-        init_args = ray_init_args(cfg, ray_init_args_overrides)
-        check_resources(cfg, init_args)
-        return _simulate(cfg, out, resume, init_args, lock.token, echo)
+        return _simulate(cfg, out, resume, init_args, pools, lock.token, echo)
 
 
-def _simulate(cfg, out: Path, resume: bool, init_args: dict[str, Any], lock_token: str,
-              echo: Callable[[str], None]) -> dict[str, Any]:
+def _simulate(cfg, out: Path, resume: bool, init_args: dict[str, Any], pools: list[TierPool] | None,
+              lock_token: str, echo: Callable[[str], None]) -> dict[str, Any]:
     import ray
     from flwr.simulation import run_simulation
 
@@ -178,21 +183,24 @@ def _simulate(cfg, out: Path, resume: bool, init_args: dict[str, Any], lock_toke
     rc = to_run_config(dataclasses.replace(cfg, engine="flower-sim", progress=False), resume=bool(resume),
                        **{"client-state-dir": str(out / "clients"), "node-wait-s": 120, "run-lock": lock_token})
     server_app, client_app = make_apps(rc)
-    echo(f"flower-sim: {cfg.clients} virtual SuperNodes, {cfg.client_cpus:g} CPU / {cfg.client_gpus:g} GPU per "
-         f"client, Ray with {init_args.get('num_cpus')} CPUs")
+    per_client = describe_pools(pools) if pools else f"{cfg.client_cpus:g} CPU / {cfg.client_gpus:g} GPU per client"
+    echo(f"flower-sim: {cfg.clients} virtual SuperNodes, {per_client}, Ray with {init_args.get('num_cpus')} CPUs")
     if ray.is_initialized():
         raise ConfigError("Ray is already running in this process; flower-sim starts its own (call ray.shutdown() "
                           "first)")
     watch = _ChildProcesses() if importlib.util.find_spec("psutil") else contextlib.nullcontext()
     t0 = time.time()
     try:
-        with _flower_environ(), watch:
+        with _flower_environ(), watch, (installed() if pools else contextlib.nullcontext()) as tiered:
             try:
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
-                               backend_config=backend_config(cfg, init_args), verbose_logging=False)
+                               backend_config=backend_config(cfg, init_args, pools), verbose_logging=False)
             finally:
                 if ray.is_initialized():  # Flower shuts Ray down itself unless the engine crashed early
                     ray.shutdown()
+        if tiered is not None and not tiered.used:
+            echo("flower-sim: WARNING: this Flower version did not build fastseq's per-tier actor pools; every "
+                 "client ran with --client-cpus / --client-gpus (see client_ray_resources in metrics.jsonl)")
     finally:
         if isinstance(watch, _ChildProcesses):
             killed = watch.reap()
