@@ -479,3 +479,15 @@ def test_tier_pools_share_ray_s_resources_by_tier():
     with pytest.raises(ConfigError, match="tier 'b' has client_gpus=0, so Ray gives its clients no GPU"):
         _pools({"tiers": [{"name": "a", "share": 0.5, "client_gpus": 0.5}, {"name": "b", "share": 0.5}]},
                cpus=4, gpus=1, device="cuda")
+
+
+def test_a_fleet_that_does_not_fit_ray_is_refused_before_anything_is_written(tmp_path):
+    pytest.importorskip("ray")
+    from fastseq import engines
+    from fed_helpers import flower_config
+
+    fleet = {"tiers": [{"name": "a", "share": 0.5, "client_cpus": 512}, {"name": "b", "share": 0.5}]}
+    with pytest.raises(ConfigError, match="one actor per fleet tier needs 513 CPUs"):
+        engines.run(flower_config(tmp_path / "sim", engine="flower-sim", clients=2, clients_per_round=2,
+                                       fleet=fleet), **QUIET)
+    assert not (tmp_path / "sim").exists()
