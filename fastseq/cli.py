@@ -540,6 +540,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except FleetMisfit as e:
         print(f"fastseq plan: {_one_line(e)}")
         return NOTHING_FITS_EXIT
+    from .flower.simulation import ray_init_args
+    from .flower.tier_pools import describe, tier_pools
+
+    ray = ray_init_args(cfg)
+    pools = tier_pools(cfg, float(ray["num_cpus"]), float(ray.get("num_gpus") or 0))
+    if pools:  # the tiers' own Ray resources: the actor pools flower-sim would build on this machine
+        print(f"flower-sim actor pools here ({ray['num_cpus']} CPUs, {ray.get('num_gpus') or 0} GPUs): "
+              f"{describe(pools)}")
     return 0
 
 

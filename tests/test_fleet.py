@@ -331,6 +331,12 @@ def test_plan_fleet_cli(tmp_path, capsys):
     assert "fleet: 2 tiers, rank ladder [4, 2], aggregation holders" in out
     assert "small (2 clients; memory unlimited, uplink 1.00 MiB): rank 2," in out
     assert "big (2 clients; memory unlimited): rank 4," in out
+    assert "flower-sim actor pools" not in out  # no tier sets Ray resources
+    f.write_text(f.read_text().replace('name = "small"', 'name = "small"\nclient_cpus = 0.5'))
+    assert main(["plan", "--fleet", str(f), "--model", "tiny-llama", "--config", str(c), "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "flower-sim actor pools here" in out and "x 0.5 CPU / 0 GPU for 2 client(s)" in out, out
+    assert "x 1 CPU / 0 GPU for 2 client(s)" in out  # big: the run's --client-cpus
     f.write_text('[[tiers]]\nname = "tiny"\nshare = 1.0\nmemory = "64KB"\n')
     assert main(["plan", "--fleet", str(f), "--model", "tiny-llama", "--config", str(c), "--r", "4"]) == 3
     assert "fastseq plan: tier 'tiny': nothing fits" in capsys.readouterr().out
