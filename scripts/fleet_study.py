@@ -169,9 +169,29 @@ def report(runs: list[acc.Run], metric: str) -> tuple[list[dict], list[dict]]:
             both = [s for s in seeds if s in high]
             gap = statistics.fmean(high[s] - low[s] for s in both) if both else None
             rec = statistics.fmean(mine[s] - low[s] for s in both) / gap if both and gap and abs(gap) > 1e-9 else None
+            # the share per seed, for its spread (the headline is the ratio of the mean gains above)
+            shares = [(mine[s] - low[s]) / (high[s] - low[s]) for s in both if abs(high[s] - low[s]) > 1e-9]
+            _, rec_lo, rec_hi = acc.t_interval(shares) if shares else (None, None, None)
             paired.append(dict(arm=arm, alpha=alpha, seeds=seeds, vs_low_mean=m, ci_low=lo, ci_high=hi,
-                               gap_high_minus_low=gap, gap_recovered=rec))
+                               gap_high_minus_low=gap, gap_recovered=rec, recovered_per_seed=shares,
+                               recovered_ci_low=rec_lo, recovered_ci_high=rec_hi))
     return rows, paired
+
+
+def head_to_head(runs: list[acc.Run], metric: str) -> list[dict]:
+    """Each nested fleet arm against HetLoRA and FlexLoRA, paired per seed (the same partition):
+    the difference in test accuracy, with a 95% t interval."""
+    score = {(r.spec.arm, r.spec.alpha, r.spec.seed): acc.test_scores(r, metric)["last3"] for r in runs if r.history}
+    out = []
+    for alpha in dict.fromkeys(r.spec.alpha for r in runs):
+        for arm in (a for a, (m, _) in FLEET_ARMS.items() if m != "fedavg"):
+            for base in ("fedavg-hetlora", "fedavg-flexlora"):
+                seeds = sorted(s for (a, al, s) in score if a == arm and al == alpha and (base, alpha, s) in score)
+                if not seeds:
+                    continue
+                m, lo, hi = acc.t_interval([score[arm, alpha, s] - score[base, alpha, s] for s in seeds])
+                out.append(dict(arm=arm, against=base, alpha=alpha, seeds=seeds, diff_mean=m, ci_low=lo, ci_high=hi))
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -194,11 +214,26 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['arm']} | {r['alpha']} | {len(r['seeds'])} | {f(r['test_mean'], r['test_std'])} | "
                      f"{f(r['val_mean'])} | {r['uplink_bytes_mean'] / 1e6:.2f} MB | {tiers} |")
     lines += ["", "## Against everyone at the lowest rank (paired per seed, 95% t interval)", "",
-              "| arm | alpha | seeds | vs low | 95% CI | high - low | gap recovered |", "|---|---|---|---|---|---|---|"]
+              "Gap recovered: the fleet's mean gain over everyone at the lowest rank divided by the mean "
+              "gain of everyone at the highest; its interval is over the per-seed shares.", "",
+              "| arm | alpha | seeds | vs low | 95% CI | high - low | gap recovered | per seed (95% CI) |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def share(x):
+        return "-" if x is None or x != x else f"{x:.0%}"
+
     for p in doc["paired"]:
-        rec = "-" if p["gap_recovered"] is None else f"{p['gap_recovered']:.0%}"
+        per_seed = ", ".join(share(x) for x in p.get("recovered_per_seed", []))
+        ci = f" ([{share(p.get('recovered_ci_low'))}, {share(p.get('recovered_ci_high'))}])" if per_seed else ""
         lines.append(f"| {p['arm']} | {p['alpha']} | {len(p['seeds'])} | {f(p['vs_low_mean'])} | "
-                     f"[{f(p['ci_low'])}, {f(p['ci_high'])}] | {f(p['gap_high_minus_low'])} | {rec} |")
+                     f"[{f(p['ci_low'])}, {f(p['ci_high'])}] | {f(p['gap_high_minus_low'])} | "
+                     f"{share(p['gap_recovered'])} | {per_seed or '-'}{ci} |")
+    if doc.get("head_to_head"):
+        lines += ["", "## Nested fleets against HetLoRA and FlexLoRA (test accuracy, paired per seed)", "",
+                  "| fleet arm | against | alpha | seeds | difference | 95% CI |", "|---|---|---|---|---|---|"]
+        for h in doc["head_to_head"]:
+            lines.append(f"| {h['arm']} | {h['against']} | {h['alpha']} | {len(h['seeds'])} | {f(h['diff_mean'])} | "
+                         f"[{f(h['ci_low'])}, {f(h['ci_high'])}] |")
     if doc.get("memory"):
         lines += ["", "## Each tier's training step (SCL fleet), planned and measured", "",
                   "| tier | rank | quantization | level | micro-batch | codec | estimated | measured |",
@@ -272,10 +307,11 @@ def main(argv=None) -> int:
             runs += acc.execute([spec(p, arm, alpha, seed, runs_dir, a.device) for arm in arms()], jobs,
                                 f"seed {seed} alpha {alpha}")
     rows, paired = report(runs, metric)
+    versus = head_to_head(runs, metric)
     memory = measure_tiers(p, a.device) if rows else []
     doc = dict(setting={k: p[k] for k in ("model", "task", "clients", "clients_per_round", "rounds", "scl_ladder",
                                           "lora_ladder", "alphas", "seeds")},
-               metric=metric, gap=gap, rows=rows, paired=paired, memory=memory,
+               metric=metric, gap=gap, rows=rows, paired=paired, head_to_head=versus, memory=memory,
                missing=[r.spec.tag for r in gap_runs + runs if not r.history], provenance=provenance(a.device))
     stem = str(Path(a.out_dir) / name)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)

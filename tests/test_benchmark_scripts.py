@@ -338,7 +338,9 @@ def test_fleet_study_smoke_and_report(tmp_path):
     assert [m["rank"] for m in doc["memory"]] == [1, 2, 4] and all(m["measured_bytes"] > 0 for m in doc["memory"])
     assert len(doc["gap"]) == 3 and doc["missing"] == []
     assert (tmp_path / "fleet_study_smoke.png").stat().st_size > 0
-    assert "## Against everyone at the lowest rank" in (tmp_path / "fleet_study_smoke.md").read_text()
+    md = (tmp_path / "fleet_study_smoke.md").read_text()
+    assert "## Against everyone at the lowest rank" in md and "## Nested fleets against HetLoRA and FlexLoRA" in md
+    assert len(doc["head_to_head"]) == 4 * 2  # four nested arms x two baselines, one alpha
     stamps = {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")}
     st.main(argv + ["--report-only"])
     assert {f: f.stat().st_mtime for f in (tmp_path / "runs").glob("*/summary.json")} == stamps
@@ -360,3 +362,10 @@ def test_fleet_study_gap_recovered_is_read_per_seed():
     assert by["scl-holders"]["vs_low_mean"] == pytest.approx(0.125)
     assert by["scl-holders"]["gap_high_minus_low"] == pytest.approx(0.2)
     assert by["scl-holders"]["gap_recovered"] == pytest.approx(0.625)
+    assert by["scl-holders"]["recovered_per_seed"] == pytest.approx([0.5, 0.75])  # 0.1 / 0.2, 0.15 / 0.2
+    assert by["scl-holders"]["recovered_ci_low"] < 0.625 < by["scl-holders"]["recovered_ci_high"]
+    runs += [run("fedavg-hetlora", 1, 0.65), run("fedavg-hetlora", 2, 0.7), run("fedavg-flexlora", 1, 0.7)]
+    h2h = {(h["arm"], h["against"]): h for h in st.head_to_head(runs, "accuracy")}
+    assert set(h2h) == {("scl-holders", "fedavg-hetlora"), ("scl-holders", "fedavg-flexlora")}
+    assert h2h["scl-holders", "fedavg-hetlora"]["diff_mean"] == pytest.approx(0.1)  # 0.05, 0.15
+    assert h2h["scl-holders", "fedavg-flexlora"]["seeds"] == [1]  # paired: only the seeds both have
