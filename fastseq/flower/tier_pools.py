@@ -9,8 +9,8 @@ resources, at least one actor a tier, the rest of Ray's CPUs and GPUs shared in 
 tier's clients) and :func:`installed` lets Flower's engine build :class:`TierPoolsBackend` instead
 of its own RayBackend for the run. That backend sends every virtual SuperNode's messages to the
 pool of its client's tier. Flower names its backend class directly (no registry), so the class
-is swapped in the module Flower reads it from, for the run only; a run whose clients report
-other resources than their tier's says so (``client_ray_resources`` in every round's row).
+is swapped in the module Flower reads it from, for the run only; the run warns when Flower did
+not build it, and every round's row says what each client's actor held (``client_ray_resources``).
 """
 
 from __future__ import annotations
