@@ -488,7 +488,6 @@ def test_tier_pools_share_ray_s_resources_by_tier():
 
 
 def test_a_fleet_that_does_not_fit_ray_is_refused_before_anything_is_written(tmp_path):
-    pytest.importorskip("ray")
     from fastseq import engines
     from fed_helpers import flower_config
 

@@ -21,7 +21,9 @@ from typing import Any, Callable, Sequence
 
 from ..config import ConfigError, unknown_keys_error
 
-TIER_KEYS = ("name", "memory", "uplink", "share", "clients", "device", "max_rank", "client_cpus", "client_gpus")
+# a tier's Ray resources on flower-sim: how its clients run there, never what they compute
+RAY_RESOURCE_KEYS = ("client_cpus", "client_gpus")
+TIER_KEYS = ("name", "memory", "uplink", "share", "clients", "device", "max_rank", *RAY_RESOURCE_KEYS)
 FLEET_KEYS = ("tiers", "rank_ladder")
 MISFIT = ("refuse", "drop")
 # The memory model's stated tolerance (docs/quantization.md: a step's measured total within 10 %
@@ -158,7 +160,7 @@ def parse_fleet(d: Any, r: int | None = None) -> Fleet:
         max_rank = t.get("max_rank")
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ConfigError(f"{where}: max_rank must be a positive rank, got {max_rank!r}")
-        resources = {k: _resource(where, k, t.get(k)) for k in ("client_cpus", "client_gpus")}
+        resources = {k: _resource(where, k, t.get(k)) for k in RAY_RESOURCE_KEYS}
         tiers.append(Tier(name, _size(where, "memory", t.get("memory")), _size(where, "uplink", t.get("uplink")),
                           None if share is None else float(share), clients, device, max_rank, **resources))
     shares = [t.share for t in tiers if t.share is not None]
@@ -181,7 +183,7 @@ def without_resources(fleet: Any) -> Any:
     a flower-sim run is carried out, not what it computes (a resumed run may change them)."""
     if not isinstance(fleet, dict) or not isinstance(fleet.get("tiers"), list):
         return fleet
-    return {**fleet, "tiers": [{k: v for k, v in t.items() if k not in ("client_cpus", "client_gpus")}
+    return {**fleet, "tiers": [{k: v for k, v in t.items() if k not in RAY_RESOURCE_KEYS}
                                if isinstance(t, dict) else t for t in fleet["tiers"]]}
 
 

@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterator
 
 from .config import to_run_config
 from .deploy import flower_env
-from .tier_pools import TierPool, describe as describe_pools, installed, tier_pools, wants_gpus
-from .tier_pools import backend_config as tier_pools_config
+from .tier_pools import TierPool, as_backend_config, describe as describe_pools, installed, tier_pools, wants_gpus
 
 # The object store carries messages (encoded deltas) and Contexts, never a model.
 DEFAULT_OBJECT_STORE_BYTES = 200 * 1024**2
@@ -118,7 +117,7 @@ def ray_init_args(cfg, overrides: dict[str, Any] | None = None) -> dict[str, Any
 
 def backend_config(cfg, init_args: dict[str, Any], pools: list[TierPool] | None = None) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-            "init_args": dict(init_args), **(tier_pools_config(pools) if pools else {})}
+            "init_args": dict(init_args), **(as_backend_config(pools) if pools else {})}
 
 
 def check_resources(cfg, init_args: dict[str, Any]) -> None:
@@ -152,21 +151,22 @@ def run_flower_simulation(cfg, *, resume: bool = False, ray_init_args_overrides:
     from ..fed.engine import check_before_writing
     from ..fed.experiment import default_out
 
-    for module in ("flwr", "ray"):
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"engine 'flower-sim' needs {module}, which is not installed; "
-                              f'pip install "fastseq[flower-sim]" (or use --engine local)')
     cfg = dataclasses.replace(cfg)
     cfg.validate()
     if cfg.out is None:
         cfg.out = default_out(cfg)
     cfg.out = os.path.abspath(cfg.out)
     out = Path(cfg.out)
+    # the config's mistakes first, whatever is installed (none of this needs Ray)
     init_args = ray_init_args(cfg, ray_init_args_overrides)
     # a fleet whose tiers set client_cpus / client_gpus: one actor pool per tier
     pools = tier_pools(cfg, float(init_args.get("num_cpus") or 0), float(init_args.get("num_gpus") or 0))
     if pools is None:
         check_resources(cfg, init_args)
+    for module in ("flwr", "ray"):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"engine 'flower-sim' needs {module}, which is not installed; "
+                              f'pip install "fastseq[flower-sim]" (or use --engine local)')
     # as the local engine does, before Ray starts; the ServerApp thread re-enters the lock
     with check_before_writing(cfg, out, resume, echo=echo) as lock:
         return _simulate(cfg, out, resume, init_args, pools, lock.token, echo)

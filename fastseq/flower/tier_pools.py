@@ -53,15 +53,12 @@ class _Left:
         return True
 
 
-def _fleet_tiers(cfg) -> list:
-    from ..fed.fleet import load_fleet
-
-    return [] if cfg.fleet is None else load_fleet(cfg.fleet, cfg.r).tiers
-
-
 def wants_gpus(cfg) -> bool:
     """Whether any client of ``cfg`` asks Ray for a GPU (the run's or a tier's ``client_gpus``)."""
-    return cfg.client_gpus > 0 or any((t.client_gpus or 0) > 0 for t in _fleet_tiers(cfg))
+    from ..fed.fleet import load_fleet
+
+    return cfg.client_gpus > 0 or (cfg.fleet is not None
+                                   and any((t.client_gpus or 0) > 0 for t in load_fleet(cfg.fleet, cfg.r).tiers))
 
 
 def tier_pools(cfg, cpus: float, gpus: float) -> list[TierPool] | None:
@@ -72,12 +69,14 @@ def tier_pools(cfg, cpus: float, gpus: float) -> list[TierPool] | None:
     tier does not fit."""
     from ..fed.fleet import assign_tiers, load_fleet
 
-    tiers = _fleet_tiers(cfg)
-    if all(t.client_cpus is None and t.client_gpus is None for t in tiers):
+    if cfg.fleet is None:
         return None
-    tiers_of = assign_tiers(load_fleet(cfg.fleet, cfg.r), cfg.clients, cfg.seed)
+    fleet = load_fleet(cfg.fleet, cfg.r)
+    if all(t.client_cpus is None and t.client_gpus is None for t in fleet.tiers):
+        return None
+    tiers_of = assign_tiers(fleet, cfg.clients, cfg.seed)
     pools = []
-    for t in tiers:
+    for t in fleet.tiers:
         members = sorted(int(c) for c, name in tiers_of.items() if name == t.name)
         if not members:
             continue
@@ -104,7 +103,7 @@ def tier_pools(cfg, cpus: float, gpus: float) -> list[TierPool] | None:
             return pools
 
 
-def backend_config(pools: list[TierPool]) -> dict[str, Any]:
+def as_backend_config(pools: list[TierPool]) -> dict[str, Any]:
     return {BACKEND_KEY: [dict(tier=p.tier, num_cpus=p.num_cpus, num_gpus=p.num_gpus, partitions=p.partitions,
                                actors=p.actors) for p in pools]}
 
